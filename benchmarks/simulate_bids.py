@@ -1,0 +1,263 @@
+"""Simulated multi-echo GRE head datasets in BIDS form, with their ground truth.
+
+For the tests, the demo and the benchmarks only: it uses qsm-forward (GPL), which the qsmprep
+package itself never imports. The head is built from the MNI152 2009a T1, grey and white matter
+maps that nilearn ships: brain tissue with deep grey matter nuclei, veins and a calcification,
+a skull, soft tissue, air sinuses and the air around the head, so that the background field has
+the shape and size of a real one. A tilted head keeps its voxel grid and rotates its affine, so
+the B0 direction is oblique in voxel axes and known only from the affine.
+
+    python benchmarks/simulate_bids.py OUT_DIR [--voxel-size 2] [--tilt 18] [--subjects 01 02]
+
+The truth goes to OUT_DIR/derivatives/truth/sub-<label>/anat/ (pybids ignores derivatives).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import nibabel as nib
+import nilearn.datasets
+import numpy as np
+import qsm_forward
+from scipy import ndimage
+
+from qsmprep.science.physics import b0_direction_from_affine, sphere_structure
+
+MNI_DATA = Path(nilearn.datasets.__file__).parent / 'data'
+MNI_FILES = {
+    't1': 'mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz',
+    'gm': 'mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz',
+    'wm': 'mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz',
+}
+ECHO_TIMES_S = (0.004, 0.010, 0.016, 0.022, 0.028)
+FIELD_STRENGTH_T = 3.0
+REPETITION_TIME_S = 0.05
+FLIP_ANGLE_DEG = 15.0
+
+# Susceptibility in ppm relative to water/CSF.
+CHI_WM, CHI_GM, CHI_BONE, CHI_AIR = -0.03, 0.02, -2.0, 9.2
+# (name, MNI centre in mm for the right side (mirrored to the left), radii in mm, chi in ppm, R2* in 1/s)
+NUCLEI = (
+    ('caudate', (13, 12, 10), (4, 8, 7), 0.06, 28.0),
+    ('putamen', (25, 2, 0), (5, 12, 8), 0.05, 28.0),
+    ('globus_pallidus', (19, -2, -2), (3, 6, 4), 0.15, 45.0),
+    ('thalamus', (11, -18, 6), (6, 10, 7), 0.01, 22.0),
+    ('red_nucleus', (5, -20, -8), (3, 3, 3), 0.12, 40.0),
+    ('substantia_nigra', (11, -18, -12), (2.5, 5, 3), 0.14, 45.0),
+    ('dentate', (14, -56, -34), (4, 5, 4), 0.10, 35.0),
+)
+# Vein segments: MNI start, end (mm), radius (mm); chi 0.35 ppm.
+VEINS = (((0, -30, 12), (0, -72, 8), 2.5), ((2, -8, 16), (2, -30, 12), 1.5), ((-2, -8, 16), (-2, -30, 12), 1.5),
+         ((30, -10, 40), (38, -40, 35), 1.5))
+CHI_VEIN, R2STAR_VEIN = 0.35, 60.0
+CALCIFICATION = ((22, 30, 25), 2.5, -0.15)
+BONE_MM, SCALP_MM = 6.0, 5.0
+# Air pockets in the skull: MNI centre (mm), radii (mm): frontal sinus, sphenoid sinus, both mastoids.
+AIR_POCKETS = (((0, 72, 0), (12, 5, 9)), ((0, 16, -40), (12, 10, 8)), ((60, -25, -42), (8, 10, 8)),
+               ((-60, -25, -42), (8, 10, 8)))
+
+
+def load_mni_maps(voxel_size_mm):
+    """T1, grey and white matter maps in [0, 1] on an isotropic grid, and its affine."""
+    images = {key: nib.load(MNI_DATA / name) for key, name in MNI_FILES.items()}
+    affine = images['t1'].affine.copy()
+    zoom = 1.0 / voxel_size_mm
+    maps = {key: ndimage.zoom(img.get_fdata(dtype=np.float32) / 255.0, zoom, order=1)
+            for key, img in images.items()}
+    affine[:3, :3] *= voxel_size_mm
+    return maps, affine
+
+
+def _world_grid(shape, affine):
+    ijk = np.meshgrid(*[np.arange(n) for n in shape], indexing='ij')
+    return [sum(affine[r, c] * ijk[c] for c in range(3)) + affine[r, 3] for r in range(3)]
+
+
+def _ellipsoid(world, centre, radii):
+    return sum(((w - c) / r) ** 2 for w, c, r in zip(world, centre, radii)) <= 1
+
+
+def _segment(world, start, end, radius):
+    start, end = np.asarray(start, float), np.asarray(end, float)
+    direction = end - start
+    length = np.linalg.norm(direction)
+    direction /= length
+    relative = [w - s for w, s in zip(world, start)]
+    along = np.clip(sum(r * d for r, d in zip(relative, direction)), 0, length)
+    distance2 = sum((r - along * d) ** 2 for r, d in zip(relative, direction))
+    return distance2 <= radius ** 2
+
+
+def _mirrored(centre):
+    return [tuple(centre), (-centre[0],) + tuple(centre[1:])]
+
+
+def head_phantom(voxel_size_mm=1.0, seed=0):
+    """Arrays of one simulated head on an isotropic grid (MNI orientation) and its affine.
+
+    Keys: chi (ppm, air and bone included), brain_mask, head_mask, m0, r1, r2star (1/s),
+    phase_offset (rad).
+    """
+    rng = np.random.default_rng(seed)
+    maps, affine = load_mni_maps(voxel_size_mm)
+    vs = (voxel_size_mm,) * 3
+    # The template is skull-stripped: grow a skull and a scalp around it, inside a larger grid.
+    margin = int(np.ceil((BONE_MM + SCALP_MM + 4) / voxel_size_mm))
+    maps = {key: np.pad(m, margin) for key, m in maps.items()}
+    affine[:3, 3] -= affine[:3, :3] @ np.full(3, margin)
+    world = _world_grid(maps['t1'].shape, affine)
+
+    brain = ndimage.binary_fill_holes(ndimage.binary_closing(maps['gm'] + maps['wm'] > 0.5, sphere_structure(3, vs)))
+    intracranial = ndimage.binary_fill_holes(maps['t1'] > 0.15) | ndimage.binary_dilation(brain, sphere_structure(2, vs))
+    skull_outer = ndimage.binary_dilation(intracranial, sphere_structure(BONE_MM, vs))
+    head = ndimage.binary_dilation(skull_outer, sphere_structure(SCALP_MM, vs))
+    bone = skull_outer & ~intracranial
+    air = ~head
+    for centre, radii in AIR_POCKETS:
+        air |= _ellipsoid(world, centre, radii) & ~intracranial
+
+    wm_fraction = np.where(brain, maps['wm'], 0)
+    gm_fraction = np.where(brain, maps['gm'], 0)
+    csf_fraction = np.where(brain, np.clip(1 - wm_fraction - gm_fraction, 0, 1), 0)
+    texture = ndimage.gaussian_filter(rng.standard_normal(brain.shape).astype(np.float32), 2.0 / voxel_size_mm)
+    texture *= 0.01 / max(float(texture[brain].std()), 1e-9)
+    chi = CHI_WM * wm_fraction + CHI_GM * gm_fraction + np.where(brain, texture, 0)
+    r2star = 20.0 * wm_fraction + 15.0 * gm_fraction + 4.0 * csf_fraction
+    m0 = 0.65 * wm_fraction + 0.8 * gm_fraction + 1.0 * csf_fraction
+    r1 = 1.1 * wm_fraction + 0.7 * gm_fraction + 0.25 * csf_fraction
+    for _, centre, radii, chi_value, r2star_value in NUCLEI:
+        for side in _mirrored(centre):
+            nucleus = _ellipsoid(world, side, radii) & brain
+            chi[nucleus], r2star[nucleus] = chi_value, r2star_value
+    for start, end, radius in VEINS:
+        vein = _segment(world, start, end, radius) & brain
+        chi[vein], r2star[vein] = CHI_VEIN, R2STAR_VEIN
+    centre, radius, chi_value = CALCIFICATION
+    chi[_ellipsoid(world, centre, (radius,) * 3) & brain] = chi_value
+
+    soft_tissue = head & ~intracranial & ~bone & ~air
+    csf = intracranial & ~brain
+    m0[csf], r1[csf], r2star[csf] = 1.0, 0.25, 4.0
+    chi[bone], chi[air] = CHI_BONE, CHI_AIR
+    # Partial volume at the skull and air boundaries: a voxelised step of 9 ppm gives a field
+    # that rings far into the brain on the FFT grid (worst with an oblique B0), which a measured
+    # field does not. Smoothing the sources outside the skull cavity by about a voxel removes it.
+    sigma_voxels = max(1.0, 0.75 * voxel_size_mm) / voxel_size_mm
+    chi = np.where(intracranial, chi, ndimage.gaussian_filter(chi, sigma_voxels))
+    m0[soft_tissue], r1[soft_tissue], r2star[soft_tissue] = 0.8, 1.0, 35.0
+    m0[bone], r1[bone], r2star[bone] = 0.05, 1.0, 300.0
+    m0[air], r1[air], r2star[air] = 0.0, 1.0, 0.0
+
+    # Smooth receive-coil bias: brighter at the back and top of the head.
+    y, z = world[1], world[2]
+    bias = 0.7 + 0.3 * (y.max() - y) / np.ptp(y) + 0.3 * (z - z.min()) / np.ptp(z)
+    phase_offset = qsm_forward.generate_phase_offset(m0, head, m0.shape)
+    return {
+        'chi': chi.astype(np.float32), 'brain_mask': brain, 'head_mask': head & ~air,
+        'm0': (m0 * bias).astype(np.float32), 'r1': r1.astype(np.float32),
+        'r2star': r2star.astype(np.float32), 'phase_offset': phase_offset.astype(np.float32),
+    }, affine
+
+
+def tilted_affine(affine, tilt_deg):
+    """The affine of the same voxel grid with the head pitched by ``tilt_deg`` about scanner x."""
+    angle = np.deg2rad(tilt_deg)
+    rotation = np.eye(4)
+    rotation[1:3, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    return rotation @ affine
+
+
+def simulate_megre(phantom, affine, echo_times_s=ECHO_TIMES_S, field_strength_t=FIELD_STRENGTH_T,
+                   peak_snr=100.0, seed=0):
+    """Multi-echo magnitude and phase (echoes on the last axis) and the true fields in ppm."""
+    rng = np.random.default_rng(seed)
+    voxel_size = np.linalg.norm(affine[:3, :3], axis=0)
+    b0_dir = b0_direction_from_affine(affine)
+    brain = phantom['brain_mask']
+    total_field = qsm_forward.generate_field(phantom['chi'], voxel_size=voxel_size, B0_dir=b0_dir)
+    local_field = qsm_forward.generate_field(np.where(brain, phantom['chi'], 0), voxel_size=voxel_size,
+                                             B0_dir=b0_dir)
+    magnitude, phase = [], []
+    for te in echo_times_s:
+        signal = qsm_forward.generate_signal(
+            total_field, B0=field_strength_t, TR=REPETITION_TIME_S, TE=te, flip_angle=FLIP_ANGLE_DEG,
+            phase_offset=phantom['phase_offset'], R1=phantom['r1'], R2star=phantom['r2star'], M0=phantom['m0'])
+        signal = qsm_forward.add_noise(signal, peak_snr=peak_snr, rng=rng)
+        magnitude.append(np.abs(signal))
+        phase.append(np.angle(signal))
+    return {
+        'magnitude': np.stack(magnitude, -1).astype(np.float32), 'phase': np.stack(phase, -1).astype(np.float32),
+        'total_field': total_field.astype(np.float32), 'local_field': local_field.astype(np.float32),
+        'b0_dir': b0_dir,
+    }
+
+
+def _write_json(path, content):
+    path.write_text(json.dumps(content, indent=2) + '\n')
+
+
+def _save(array, affine, path):
+    nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine).to_filename(path)
+
+
+def write_subject(bids_dir, label, phantom, affine, megre, echo_times_s=ECHO_TIMES_S,
+                  field_strength_t=FIELD_STRENGTH_T):
+    """Write one subject's MEGRE echoes and its truth into ``bids_dir``."""
+    anat = Path(bids_dir) / f'sub-{label}' / 'anat'
+    anat.mkdir(parents=True, exist_ok=True)
+    for echo, te in enumerate(echo_times_s, start=1):
+        for part, volume, extra in (('mag', 1000 * megre['magnitude'][..., echo - 1], {}),
+                                    ('phase', megre['phase'][..., echo - 1], {'Units': 'rad'})):
+            stem = anat / f'sub-{label}_echo-{echo}_part-{part}_MEGRE'
+            _save(volume, affine, f'{stem}.nii.gz')
+            _write_json(Path(f'{stem}.json'), {
+                'EchoTime': te, 'EchoNumber': echo, 'MagneticFieldStrength': field_strength_t,
+                'RepetitionTime': REPETITION_TIME_S, 'FlipAngle': FLIP_ANGLE_DEG, **extra})
+    truth = Path(bids_dir) / 'derivatives' / 'truth' / f'sub-{label}' / 'anat'
+    truth.mkdir(parents=True, exist_ok=True)
+    brain = phantom['brain_mask']
+    chi_brain = np.where(brain, phantom['chi'], 0)
+    for name, volume in (('Chimap', chi_brain), ('desc-brain_mask', brain), ('R2starmap', phantom['r2star']),
+                         ('desc-total_fieldmap', megre['total_field']),
+                         ('desc-local_fieldmap', megre['local_field'])):
+        _save(volume, affine, truth / f'sub-{label}_{name}.nii.gz')
+
+
+def write_dataset_description(bids_dir, name='qsmprep simulated MEGRE'):
+    bids_dir = Path(bids_dir)
+    bids_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(bids_dir / 'dataset_description.json', {'Name': name, 'BIDSVersion': '1.10.0'})
+    truth = bids_dir / 'derivatives' / 'truth'
+    truth.mkdir(parents=True, exist_ok=True)
+    _write_json(truth / 'dataset_description.json', {
+        'Name': 'ground truth of the simulation', 'BIDSVersion': '1.10.0', 'DatasetType': 'derivative',
+        'GeneratedBy': [{'Name': 'qsmprep benchmarks/simulate_bids.py'}]})
+
+
+def simulate_dataset(bids_dir, voxel_size_mm=2.0, tilts_deg=(0.0,), labels=None, peak_snr=100.0, seed=0):
+    """A BIDS dataset with one subject per tilt; returns the subject labels."""
+    labels = labels or [f'{i + 1:02d}' for i in range(len(tilts_deg))]
+    write_dataset_description(bids_dir)
+    phantom, affine = head_phantom(voxel_size_mm, seed=seed)
+    for label, tilt in zip(labels, tilts_deg):
+        subject_affine = tilted_affine(affine, tilt)
+        megre = simulate_megre(phantom, subject_affine, peak_snr=peak_snr, seed=seed)
+        write_subject(bids_dir, label, phantom, subject_affine, megre)
+    return labels
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('bids_dir', type=Path)
+    parser.add_argument('--voxel-size', type=float, default=2.0, help='isotropic voxel size in mm')
+    parser.add_argument('--tilt', type=float, nargs='+', default=[0.0],
+                        help='head tilt in degrees, one subject per value')
+    parser.add_argument('--peak-snr', type=float, default=100.0)
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args()
+    labels = simulate_dataset(args.bids_dir, args.voxel_size, args.tilt, peak_snr=args.peak_snr, seed=args.seed)
+    print(f'simulated subjects {", ".join(labels)} in {args.bids_dir}')
+
+
+if __name__ == '__main__':
+    main()

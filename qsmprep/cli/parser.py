@@ -1,0 +1,73 @@
+"""The argument parser of the ``qsmprep`` BIDS App."""
+import argparse
+import os
+from pathlib import Path
+
+from .. import __version__
+from ..science import bgremove, inversion, unwrap
+
+
+def _path_exists(value):
+    path = Path(value).expanduser().absolute()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f'{value} does not exist')
+    return path
+
+
+def _positive_int(value):
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f'{value} must be 1 or more')
+    return number
+
+
+def _positive_float(value):
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f'{value} must be positive')
+    return number
+
+
+def build_parser():
+    """The ``qsmprep bids_dir output_dir {participant,group}`` parser."""
+    parser = argparse.ArgumentParser(
+        prog='qsmprep', description='Quantitative susceptibility mapping of multi-echo GRE (MEGRE) BIDS data.')
+    parser.add_argument('bids_dir', type=_path_exists, help='root of the BIDS dataset')
+    parser.add_argument('output_dir', type=lambda p: Path(p).expanduser().absolute(),
+                        help='where the derivatives dataset is written')
+    parser.add_argument('analysis_level', choices=['participant', 'group'])
+    parser.add_argument('--version', action='version', version=f'qsmprep {__version__}')
+    parser.add_argument('-v', '--verbose', action='count', default=0, help='more messages (repeat for more)')
+
+    selection = parser.add_argument_group('selecting data')
+    selection.add_argument('--participant-label', '--participant_label', nargs='+', metavar='LABEL',
+                           help='participants to process, with or without "sub-" (default: all)')
+    selection.add_argument('--session-label', nargs='+', metavar='LABEL',
+                           help='sessions to process, with or without "ses-" (default: all)')
+    selection.add_argument('--skip-bids-validation', action='store_true',
+                           help='index the dataset without the BIDS validator')
+
+    acquisition = parser.add_argument_group('acquisition')
+    acquisition.add_argument('--field-strength', type=_positive_float, metavar='TESLA',
+                             help='B0 in tesla, overriding MagneticFieldStrength (use when it is missing)')
+    acquisition.add_argument('--phase-sign', type=int, choices=[1, -1], default=1,
+                             help='-1 when the scanner stores the phase with the opposite sign')
+    acquisition.add_argument('--mask', type=_path_exists, help='a brain mask on the input grid to use instead of '
+                             'the one computed from the magnitude')
+
+    methods = parser.add_argument_group('methods')
+    methods.add_argument('--unwrap', choices=unwrap.UNWRAP_METHODS, default='laplacian')
+    methods.add_argument('--bgremove', choices=bgremove.BGREMOVE_METHODS, default='vsharp')
+    methods.add_argument('--inversion', choices=inversion.INVERSION_METHODS, default=inversion.DEFAULT_INVERSION)
+
+    resources = parser.add_argument_group('resources')
+    resources.add_argument('-w', '--work-dir', type=lambda p: Path(p).expanduser().absolute(),
+                           default=Path('work').absolute(),
+                           help='intermediate results; a rerun with the same one resumes (default: ./work)')
+    resources.add_argument('--nprocs', '--n-cpus', type=_positive_int, default=os.cpu_count() or 1,
+                           help='processes run in parallel')
+    resources.add_argument('--omp-nthreads', type=_positive_int, default=None,
+                           help='threads of one process (default: --nprocs)')
+    resources.add_argument('--resource-monitor', action='store_true',
+                           help="record each step's time and peak memory in the work directory")
+    return parser

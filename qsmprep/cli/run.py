@@ -1,0 +1,135 @@
+"""``qsmprep``: parse, check the input, build the workflow, run it, describe the derivatives."""
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..bids import InputError, collect_megre_series
+from .parser import build_parser
+
+logger = logging.getLogger('qsmprep')
+
+
+def _fail(message, code=1):
+    print(f'qsmprep: error: {message}', file=sys.stderr)
+    return code
+
+
+def _toml_value(value):
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return '[' + ', '.join(_toml_value(v) for v in value) + ']'
+    return json.dumps(str(value))
+
+
+def write_settings(args, path):
+    """The run's settings as flat TOML, enough to rerun or audit it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ['[qsmprep]', f'version = {_toml_value(__version__)}']
+    lines += [f'{key} = {_toml_value(value)}' for key, value in sorted(vars(args).items()) if value is not None]
+    path.write_text('\n'.join(lines) + '\n')
+
+
+def write_dataset_description(output_dir, bids_dir):
+    from ..interfaces.derivatives import BIDSIGNORE
+    from ..workflows.base import generated_by
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    description = {
+        'Name': 'qsmprep derivatives', 'BIDSVersion': '1.10.0', 'DatasetType': 'derivative',
+        'GeneratedBy': generated_by(os.environ.get('QSMPREP_CONTAINER')),
+        'DatasetLinks': {'raw': str(bids_dir)},
+    }
+    (output_dir / 'dataset_description.json').write_text(json.dumps(description, indent=2) + '\n')
+    (output_dir / '.bidsignore').write_text(BIDSIGNORE + 'logs/\n')
+
+
+def _configure_nipype(work_dir, verbosity, resource_monitor):
+    from nipype import config, logging as nipype_logging
+
+    # Nipype's log-to-file with MultiProc can hang with filelock >= 3.30, so logs go to the console only.
+    config.update_config({
+        'logging': {'log_to_file': False, 'workflow_level': ['WARNING', 'INFO', 'DEBUG'][min(verbosity, 2)]},
+        'execution': {'crashdump_dir': str(work_dir / 'crash'), 'crashfile_format': 'txt',
+                      'remove_unnecessary_outputs': False, 'stop_on_first_crash': False,
+                      'hash_method': 'content'},
+    })
+    if resource_monitor:
+        config.enable_resource_monitor()
+    nipype_logging.update_logging(config)
+
+
+def _crash_summary(crash_dir):
+    """One line per crashed node: the node and the last line of its traceback."""
+    lines = []
+    for crash_file in sorted(Path(crash_dir).glob('crash-*.txt')):
+        text = crash_file.read_text().strip().splitlines()
+        node = next((line.split(':', 1)[1].strip() for line in text if line.startswith('Node:')), crash_file.name)
+        lines.append(f'  {node}: {text[-1].strip() if text else "?"} (report: {crash_file})')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter('%(asctime)s qsmprep %(levelname)s: %(message)s'))
+    logger.addHandler(handler)
+    logger.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
+    if args.analysis_level == 'group':
+        return _fail('the group level is not implemented yet; run the participant level.', code=2)
+    if args.output_dir == args.bids_dir:
+        return _fail(f'{args.output_dir}: the output folder is the input dataset; write derivatives elsewhere, '
+                     f'e.g. {args.bids_dir / "derivatives" / "qsmprep"}.')
+    omp_nthreads = args.omp_nthreads or args.nprocs
+    try:
+        series_list, errors = collect_megre_series(
+            args.bids_dir, args.participant_label, args.session_label, validate=not args.skip_bids_validation,
+            field_strength_override=args.field_strength)
+    except InputError as error:
+        return _fail(str(error))
+    for message in errors:
+        print(f'qsmprep: error: {message} (this series is skipped)', file=sys.stderr)
+    if not series_list:
+        return _fail('no MEGRE series passed the checks; nothing was run.')
+    if args.mask is not None and len(series_list) > 1:
+        return _fail(f'{args.mask}: --mask serves one series, but {len(series_list)} were selected; select one '
+                     f'with --participant-label and --session-label.')
+
+    _configure_nipype(args.work_dir, args.verbose, args.resource_monitor)
+    from ..workflows.base import init_qsmprep_wf
+
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    qsmprep_wf = init_qsmprep_wf(
+        series_list=series_list, bids_dir=args.bids_dir, output_dir=args.output_dir, work_dir=args.work_dir,
+        phase_sign=args.phase_sign, unwrap=args.unwrap, bgremove_method=args.bgremove,
+        inversion_method=args.inversion, user_mask=str(args.mask) if args.mask else None,
+        omp_nthreads=omp_nthreads)
+    for series in series_list:
+        logger.info('%s: %d echoes, %.1f T, B0 direction %s (from %s)', series.name, len(series.echo_times_s),
+                    series.field_strength_t, [round(v, 3) for v in series.b0_dir], series.b0_dir_source)
+    plugin, plugin_args = ('MultiProc', {'n_procs': args.nprocs}) if args.nprocs > 1 else ('Linear', {})
+    started = time.time()
+    failed = False
+    try:
+        qsmprep_wf.run(plugin=plugin, plugin_args=plugin_args)
+    except RuntimeError:
+        failed = True
+    finally:
+        write_dataset_description(args.output_dir, args.bids_dir)
+        write_settings(args, args.output_dir / 'logs' / f'qsmprep_{time.strftime("%Y%m%d-%H%M%S")}.toml')
+    if failed:
+        return _fail(f'some processing steps failed; the series they belong to have no derivatives:\n'
+                     f'{_crash_summary(args.work_dir / "crash")}')
+    print(f'qsmprep: {len(series_list)} series done in {time.time() - started:.0f} s; derivatives in '
+          f'{args.output_dir}')
+    return 1 if errors else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""``qsmprep-tools``: each stage on plain NIfTI files, fields in ppm in and out.
+
+Voxel size and B0 direction come from the header (CONVENTIONS.md) unless ``--b0-dir`` is
+given. Outputs are written on the input grid with the input affine.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import scipy.fft
+
+from .. import __version__
+from ..science import bgremove, echofit, inversion, masking, unwrap
+from ..science.physics import b0_direction_from_affine, voxel_size_from_affine
+
+
+class ToolError(ValueError):
+    """A problem with a tool's input, phrased for the user."""
+
+
+def _load(path, ndim=None):
+    try:
+        image = nib.load(str(path))
+    except Exception as error:
+        raise ToolError(f'{path}: cannot be read as NIfTI ({error}).') from error
+    data = np.asanyarray(image.dataobj).astype(np.float32)
+    if ndim is not None and data.ndim not in ndim:
+        raise ToolError(f'{path}: the image is {data.ndim}-D; this tool wants {" or ".join(map(str, ndim))}-D.')
+    if not np.all(np.isfinite(data)):
+        raise ToolError(f'{path}: holds NaN or infinite values; replace them (e.g. with 0) first.')
+    return data, image
+
+
+def _load_mask(path, reference_image, reference_path):
+    mask, image = _load(path, ndim=(3,))
+    if mask.shape != reference_image.shape[:3] or not np.allclose(image.affine, reference_image.affine, atol=1e-3):
+        raise ToolError(f'{path}: the mask is not on the grid of {reference_path}; resample it first.')
+    return mask > 0
+
+
+def _save(array, reference_image, path, dtype=np.float32):
+    header = reference_image.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1, 0)
+    affine = reference_image.affine
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    nib.Nifti1Image(np.asarray(array, dtype=dtype), affine, header).to_filename(str(path))
+    print(f'wrote {path}')
+
+
+def _b0_dir(args, image):
+    if args.b0_dir is None:
+        return b0_direction_from_affine(image.affine)
+    b0_dir = np.asarray(args.b0_dir, dtype=float)
+    if np.linalg.norm(b0_dir) == 0:
+        raise ToolError('--b0-dir: the B0 direction cannot be (0, 0, 0).')
+    return b0_dir / np.linalg.norm(b0_dir)
+
+
+def _echo_times(args, count, path):
+    if len(args.echo_times) != count:
+        raise ToolError(f'{path}: has {count} echoes but --echo-times lists {len(args.echo_times)}.')
+    echo_times = np.asarray(args.echo_times, dtype=float)
+    if np.any(echo_times <= 0) or np.any(echo_times >= 1):
+        raise ToolError('--echo-times: give echo times in seconds (e.g. 0.004 for 4 ms).')
+    return echo_times
+
+
+def run_invert(args):
+    field, image = _load(args.local_field, ndim=(3,))
+    mask = _load_mask(args.mask, image, args.local_field)
+    magnitude = None
+    if args.magnitude:
+        magnitude, _ = _load(args.magnitude, ndim=(3, 4))
+        magnitude = masking.combined_magnitude(magnitude) if magnitude.ndim == 4 else magnitude
+    chi = inversion.invert(field, mask, voxel_size_from_affine(image.affine), _b0_dir(args, image),
+                           method=args.method, magnitude=magnitude)
+    _save(inversion.reference_to_mask_mean(chi, mask), image, args.output)
+
+
+def run_bgremove(args):
+    field, image = _load(args.total_field, ndim=(3,))
+    mask = _load_mask(args.mask, image, args.total_field)
+    local_field, valid = bgremove.remove_background(field, mask, voxel_size_from_affine(image.affine), args.method)
+    _save(local_field, image, args.output)
+    if args.out_mask:
+        _save(valid, image, args.out_mask, np.uint8)
+
+
+def run_unwrap(args):
+    phase, image = _load(args.phase, ndim=(3, 4))
+    if np.abs(phase).max() > np.pi + 0.01:
+        raise ToolError(f'{args.phase}: values reach {np.abs(phase).max():g}; unwrap wants phase in radians.')
+    mask = _load_mask(args.mask, image, args.phase)
+    voxel_size = voxel_size_from_affine(image.affine)
+    if phase.ndim == 3:
+        unwrapped = unwrap.congruent_unwrap(phase, voxel_size, mask, args.method)
+    else:
+        if not args.magnitude:
+            raise ToolError(f'{args.phase}: multi-echo phase needs --magnitude and --echo-times.')
+        magnitude, _ = _load(args.magnitude, ndim=(4,))
+        unwrapped = unwrap.unwrap_echoes(phase, magnitude, _echo_times(args, phase.shape[-1], args.phase),
+                                         voxel_size, mask, args.method)
+    _save(unwrapped, image, args.output)
+
+
+def run_r2star(args):
+    magnitude, image = _load(args.magnitude, ndim=(4,))
+    mask = _load_mask(args.mask, image, args.magnitude) if args.mask else None
+    r2star, t2star, _ = echofit.fit_r2star(magnitude, _echo_times(args, magnitude.shape[-1], args.magnitude), mask)
+    reference = image.slicer[..., 0]
+    _save(r2star, reference, args.output)
+    if args.out_t2star:
+        _save(t2star, reference, args.out_t2star)
+
+
+def run_mask(args):
+    magnitude, image = _load(args.magnitude, ndim=(3, 4))
+    combined = masking.combined_magnitude(magnitude) if magnitude.ndim == 4 else magnitude
+    mask = masking.brain_mask(combined, voxel_size_from_affine(image.affine), opening_mm=args.erosion_mm)
+    _save(mask, image.slicer[..., 0] if magnitude.ndim == 4 else image, args.output, np.uint8)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog='qsmprep-tools', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--version', action='version', version=f'qsmprep {__version__}')
+    parser.add_argument('--nthreads', type=int, default=1, help='FFT threads (default 1)')
+    commands = parser.add_subparsers(dest='command', required=True)
+
+    invert = commands.add_parser('invert', help='local field (ppm) to susceptibility (ppm)')
+    invert.add_argument('local_field')
+    invert.add_argument('--mask', required=True)
+    invert.add_argument('--method', choices=inversion.INVERSION_METHODS, default=inversion.DEFAULT_INVERSION)
+    invert.add_argument('--magnitude', help='magnitude for the data weighting (3-D, or 4-D combined over echoes)')
+    invert.add_argument('--b0-dir', nargs=3, type=float, metavar=('X', 'Y', 'Z'),
+                        help='B0 direction in voxel axes (default: from the affine)')
+    invert.add_argument('-o', '--output', required=True)
+    invert.set_defaults(run=run_invert)
+
+    background = commands.add_parser('bgremove', help='total field (ppm) to local field (ppm)')
+    background.add_argument('total_field')
+    background.add_argument('--mask', required=True)
+    background.add_argument('--method', choices=bgremove.BGREMOVE_METHODS, default='vsharp')
+    background.add_argument('-o', '--output', required=True)
+    background.add_argument('--out-mask', help='where to write the mask on which the local field is valid')
+    background.set_defaults(run=run_bgremove)
+
+    unwrap_command = commands.add_parser('unwrap', help='wrapped phase (rad, 3-D or 4-D) to unwrapped phase')
+    unwrap_command.add_argument('phase')
+    unwrap_command.add_argument('--mask', required=True)
+    unwrap_command.add_argument('--method', choices=unwrap.UNWRAP_METHODS, default='laplacian')
+    unwrap_command.add_argument('--magnitude', help='4-D magnitude, for multi-echo phase')
+    unwrap_command.add_argument('--echo-times', nargs='+', type=float, default=[], metavar='SECONDS')
+    unwrap_command.add_argument('-o', '--output', required=True)
+    unwrap_command.set_defaults(run=run_unwrap)
+
+    r2star = commands.add_parser('r2star', help='4-D multi-echo magnitude to R2* (1/s)')
+    r2star.add_argument('magnitude')
+    r2star.add_argument('--echo-times', nargs='+', type=float, required=True, metavar='SECONDS')
+    r2star.add_argument('--mask')
+    r2star.add_argument('-o', '--output', required=True)
+    r2star.add_argument('--out-t2star', help='where to write T2* (s)')
+    r2star.set_defaults(run=run_r2star)
+
+    mask = commands.add_parser('mask', help='magnitude (3-D or 4-D) to a brain mask')
+    mask.add_argument('magnitude')
+    mask.add_argument('--erosion-mm', type=float, default=5.0,
+                      help='erosion radius that cuts the brain from the scalp (default 5 mm)')
+    mask.add_argument('-o', '--output', required=True)
+    mask.set_defaults(run=run_mask)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        with scipy.fft.set_workers(max(1, args.nthreads)):
+            args.run(args)
+    except (ToolError, ValueError) as error:
+        print(f'qsmprep-tools: error: {error}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Thin Nipype interfaces around qsmprep.science: load NIfTI, call one function, save NIfTI.
+
+Every output is written on the grid and affine of the input. Thread counts reach the FFTs
+through ``scipy.fft.set_workers``.
+"""
+import os
+
+import nibabel as nib
+import numpy as np
+import scipy.fft
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject, SimpleInterface,
+                                    TraitedSpec, isdefined, traits)
+
+from ..science import bgremove, echofit, inversion, masking, unwrap
+from ..science.physics import voxel_size_from_affine
+
+
+def _load(path, dtype=np.float32):
+    image = nib.load(path)
+    return np.asanyarray(image.dataobj).astype(dtype), image
+
+
+def _save(array, reference, filename, dtype=np.float32):
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1, 0)
+    path = os.path.abspath(filename)
+    nib.Nifti1Image(np.asarray(array, dtype=dtype), reference.affine, header).to_filename(path)
+    return path
+
+
+class _ThreadedInputSpec(BaseInterfaceInputSpec):
+    num_threads = traits.Int(1, usedefault=True, desc='threads for the FFTs')
+
+
+class _ThreadedInterface(SimpleInterface):
+    """Runs ``_compute`` with the FFT worker count set from ``num_threads``."""
+
+    def _run_interface(self, runtime):
+        with scipy.fft.set_workers(max(1, self.inputs.num_threads)):
+            self._compute()
+        return runtime
+
+
+class _LoadMEGREInputSpec(BaseInterfaceInputSpec):
+    magnitude_files = InputMultiObject(File(exists=True), mandatory=True, desc='one 3-D file per echo')
+    phase_files = InputMultiObject(File(exists=True), mandatory=True, desc='one 3-D file per echo')
+    phase_range = traits.Either(None, traits.Tuple(traits.Float, traits.Float), usedefault=True,
+                                desc='stored range mapped onto [-pi, pi); None when in radians')
+    phase_sign = traits.Enum(1, -1, usedefault=True, desc='-1 flips the phase (scanner convention)')
+
+
+class _LoadMEGREOutputSpec(TraitedSpec):
+    magnitude = File(exists=True, desc='4-D magnitude, echoes last')
+    phase = File(exists=True, desc='4-D phase in rad, echoes last')
+
+
+class LoadMEGRE(SimpleInterface):
+    """Stack the echoes, scale the phase to radians and apply the phase sign."""
+    input_spec = _LoadMEGREInputSpec
+    output_spec = _LoadMEGREOutputSpec
+
+    def _run_interface(self, runtime):
+        first = nib.load(self.inputs.magnitude_files[0])
+        magnitude = np.stack([_load(f)[0] for f in self.inputs.magnitude_files], axis=-1)
+        phase = np.stack([_load(f, np.float64)[0] for f in self.inputs.phase_files], axis=-1)
+        if self.inputs.phase_range is not None:
+            low, high = self.inputs.phase_range
+            phase = (phase - low) / (high - low) * 2 * np.pi - np.pi
+        phase = unwrap.wrap(self.inputs.phase_sign * phase)
+        self._results['magnitude'] = _save(magnitude, first, 'magnitude.nii.gz')
+        self._results['phase'] = _save(phase, first, 'phase.nii.gz')
+        return runtime
+
+
+class _R2starInputSpec(BaseInterfaceInputSpec):
+    magnitude = File(exists=True, mandatory=True)
+    echo_times = traits.List(traits.Float, mandatory=True, desc='seconds')
+    mask = File(exists=True, desc='voxels outside are set to 0')
+
+
+class _R2starOutputSpec(TraitedSpec):
+    r2star = File(exists=True, desc='R2* in 1/s')
+    t2star = File(exists=True, desc='T2* in s')
+    s0 = File(exists=True, desc='signal at TE = 0')
+
+
+class FitR2star(SimpleInterface):
+    """Mono-exponential R2*, T2* and S0 from multi-echo magnitude."""
+    input_spec = _R2starInputSpec
+    output_spec = _R2starOutputSpec
+
+    def _run_interface(self, runtime):
+        magnitude, image = _load(self.inputs.magnitude)
+        mask = _load(self.inputs.mask, bool)[0] if isdefined(self.inputs.mask) else None
+        r2star, t2star, s0 = echofit.fit_r2star(magnitude, self.inputs.echo_times, mask)
+        for name, volume in (('r2star', r2star), ('t2star', t2star), ('s0', s0)):
+            self._results[name] = _save(volume, image.slicer[..., 0], f'{name}.nii.gz')
+        return runtime
+
+
+class _BrainMaskInputSpec(BaseInterfaceInputSpec):
+    magnitude = File(exists=True, mandatory=True, desc='3-D or 4-D (echoes last) magnitude')
+    user_mask = File(exists=True, desc='a mask given by the user, used as it is')
+
+
+class _BrainMaskOutputSpec(TraitedSpec):
+    mask = File(exists=True)
+
+
+class BrainMask(SimpleInterface):
+    """Brain mask from the root-sum-of-squares magnitude, or the user's own mask."""
+    input_spec = _BrainMaskInputSpec
+    output_spec = _BrainMaskOutputSpec
+
+    def _run_interface(self, runtime):
+        magnitude, image = _load(self.inputs.magnitude)
+        reference = image.slicer[..., 0] if magnitude.ndim == 4 else image
+        if isdefined(self.inputs.user_mask):
+            mask = _load(self.inputs.user_mask)[0] > 0
+        else:
+            combined = masking.combined_magnitude(magnitude if magnitude.ndim == 4 else magnitude[..., None])
+            mask = masking.brain_mask(combined, voxel_size_from_affine(image.affine))
+        self._results['mask'] = _save(mask, reference, 'brain_mask.nii.gz', np.uint8)
+        return runtime
+
+
+class _UnwrapInputSpec(_ThreadedInputSpec):
+    phase = File(exists=True, mandatory=True, desc='4-D wrapped phase (rad)')
+    magnitude = File(exists=True, mandatory=True, desc='4-D magnitude')
+    mask = File(exists=True, mandatory=True)
+    echo_times = traits.List(traits.Float, mandatory=True, desc='seconds')
+    method = traits.Enum(*unwrap.UNWRAP_METHODS, usedefault=True)
+
+
+class _UnwrapOutputSpec(TraitedSpec):
+    unwrapped_phase = File(exists=True, desc='4-D unwrapped phase (rad)')
+
+
+class UnwrapPhase(_ThreadedInterface):
+    """Unwrap multi-echo phase consistently across echoes."""
+    input_spec = _UnwrapInputSpec
+    output_spec = _UnwrapOutputSpec
+
+    def _compute(self):
+        phase, image = _load(self.inputs.phase)
+        magnitude = _load(self.inputs.magnitude)[0]
+        mask = _load(self.inputs.mask, bool)[0]
+        unwrapped = unwrap.unwrap_echoes(phase, magnitude, self.inputs.echo_times,
+                                         voxel_size_from_affine(image.affine), mask, self.inputs.method)
+        self._results['unwrapped_phase'] = _save(unwrapped, image, 'unwrapped_phase.nii.gz')
+
+
+class _TotalFieldInputSpec(BaseInterfaceInputSpec):
+    unwrapped_phase = File(exists=True, mandatory=True)
+    magnitude = File(exists=True, mandatory=True)
+    mask = File(exists=True, mandatory=True)
+    echo_times = traits.List(traits.Float, mandatory=True, desc='seconds')
+    field_strength = traits.Float(mandatory=True, desc='tesla')
+
+
+class _TotalFieldOutputSpec(TraitedSpec):
+    total_field = File(exists=True, desc='ppm')
+    reliable_mask = File(exists=True, desc='the mask without voxels a wrap away from their neighbours')
+
+
+class FitTotalField(SimpleInterface):
+    """Total field (ppm) from a weighted linear fit of unwrapped phase against echo time."""
+    input_spec = _TotalFieldInputSpec
+    output_spec = _TotalFieldOutputSpec
+
+    def _run_interface(self, runtime):
+        phase, image = _load(self.inputs.unwrapped_phase)
+        magnitude = _load(self.inputs.magnitude)[0]
+        mask = _load(self.inputs.mask, bool)[0]
+        field_ppm, _ = echofit.fit_total_field(phase, magnitude, self.inputs.echo_times,
+                                               self.inputs.field_strength, mask)
+        reliable = echofit.reliable_field_mask(field_ppm, mask, self.inputs.echo_times, self.inputs.field_strength)
+        reference = image.slicer[..., 0]
+        self._results['total_field'] = _save(field_ppm, reference, 'total_field.nii.gz')
+        self._results['reliable_mask'] = _save(reliable, reference, 'reliable_mask.nii.gz', np.uint8)
+        return runtime
+
+
+class _BackgroundInputSpec(_ThreadedInputSpec):
+    total_field = File(exists=True, mandatory=True, desc='ppm')
+    mask = File(exists=True, mandatory=True)
+    method = traits.Enum(*bgremove.BGREMOVE_METHODS, usedefault=True)
+
+
+class _BackgroundOutputSpec(TraitedSpec):
+    local_field = File(exists=True, desc='ppm')
+    mask = File(exists=True, desc='the mask on which the local field is valid')
+
+
+class RemoveBackground(_ThreadedInterface):
+    """Background field removal."""
+    input_spec = _BackgroundInputSpec
+    output_spec = _BackgroundOutputSpec
+
+    def _compute(self):
+        total_field, image = _load(self.inputs.total_field)
+        mask = _load(self.inputs.mask, bool)[0]
+        local_field, valid = bgremove.remove_background(total_field, mask, voxel_size_from_affine(image.affine),
+                                                        self.inputs.method)
+        self._results['local_field'] = _save(local_field, image, 'local_field.nii.gz')
+        self._results['mask'] = _save(valid, image, 'local_field_mask.nii.gz', np.uint8)
+
+
+class _InvertInputSpec(_ThreadedInputSpec):
+    local_field = File(exists=True, mandatory=True, desc='ppm')
+    mask = File(exists=True, mandatory=True)
+    magnitude = File(exists=True, desc='magnitude weighting (4-D: combined over echoes)')
+    b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc='in voxel axes')
+    method = traits.Enum(*inversion.INVERSION_METHODS, usedefault=True)
+
+
+class _InvertOutputSpec(TraitedSpec):
+    chi = File(exists=True, desc='susceptibility in ppm, referenced to the mask mean')
+
+
+class Invert(_ThreadedInterface):
+    """Dipole inversion followed by referencing to the mean over the mask."""
+    input_spec = _InvertInputSpec
+    output_spec = _InvertOutputSpec
+
+    def _compute(self):
+        local_field, image = _load(self.inputs.local_field)
+        mask = _load(self.inputs.mask, bool)[0]
+        magnitude = None
+        if isdefined(self.inputs.magnitude):
+            magnitude = _load(self.inputs.magnitude)[0]
+            if magnitude.ndim == 4:
+                magnitude = masking.combined_magnitude(magnitude)
+        chi = inversion.invert(local_field, mask, voxel_size_from_affine(image.affine), self.inputs.b0_dir,
+                               method=self.inputs.method, magnitude=magnitude)
+        chi = inversion.reference_to_mask_mean(chi, mask)
+        self._results['chi'] = _save(chi, image, 'chi.nii.gz')

@@ -1,0 +1,60 @@
+"""Background field removal: V-SHARP (variable-radius sophisticated harmonic artefact reduction).
+
+The background field is harmonic inside the brain, so the spherical mean value (SMV) filter
+leaves it unchanged there and ``field - SMV(field)`` removes it. Near the edge of the mask a
+large sphere would reach outside, so each voxel uses the largest radius whose sphere fits
+inside the mask; the high-passed field is then deconvolved with the largest radius' kernel
+(truncated below ``threshold``). Fields in ppm.
+"""
+import numpy as np
+import scipy.fft
+
+from .physics import padded_shape, smv_kernel
+
+BGREMOVE_METHODS = ('vsharp',)
+
+
+def default_radii_mm(voxel_size, largest_mm=12.0):
+    """Radii from ``largest_mm`` down to two voxels, one voxel apart.
+
+    The smallest radius is two voxels, not one: within a voxel or two of the skull and
+    sinuses a one-voxel sphere no longer averages the steep background field out
+    (measured on simulated heads in benchmarks/: NRMSE 44 % with one voxel, 37 % with two,
+    at 1 mm, keeping 99.7 % of the brain).
+    """
+    step = float(max(voxel_size))
+    return [float(r) for r in np.arange(max(largest_mm, 2 * step), 2 * step - 1e-6, -step)]
+
+
+def vsharp(total_field_ppm, mask, voxel_size, radii_mm=None, threshold=0.05):
+    """Local field (ppm) and the eroded mask on which it is valid."""
+    mask = np.asarray(mask, dtype=bool)
+    radii_mm = sorted(radii_mm or default_radii_mm(voxel_size), reverse=True)
+    shape = mask.shape
+    fft_shape = padded_shape([n + 2 * int(np.ceil(radii_mm[0] / d)) for n, d in zip(shape, voxel_size)])
+    crop = tuple(slice(0, n) for n in shape)
+
+    def convolve(spectrum, kernel):
+        return scipy.fft.irfftn(spectrum * kernel, s=fft_shape)[crop]
+
+    field_spectrum = scipy.fft.rfftn(np.where(mask, total_field_ppm, 0).astype(np.float32), s=fft_shape)
+    mask_spectrum = scipy.fft.rfftn(mask.astype(np.float32), s=fft_shape)
+    high_passed = np.zeros(shape, dtype=np.float32)
+    valid = np.zeros(shape, dtype=bool)
+    for radius in radii_mm:
+        sphere = smv_kernel(fft_shape, voxel_size, radius)
+        fits_inside = convolve(mask_spectrum, sphere) > 0.999
+        newly_valid = fits_inside & ~valid
+        high_passed[newly_valid] = convolve(field_spectrum, 1 - sphere)[newly_valid]
+        valid |= fits_inside
+    largest = 1 - smv_kernel(fft_shape, voxel_size, radii_mm[0])
+    inverse = np.where(np.abs(largest) > threshold, 1 / np.where(largest == 0, 1, largest), 0).astype(np.float32)
+    local_field = convolve(scipy.fft.rfftn(high_passed, s=fft_shape), inverse)
+    return np.where(valid, local_field, 0).astype(np.float32), valid
+
+
+def remove_background(total_field_ppm, mask, voxel_size, method='vsharp', **options):
+    """Dispatch to a background removal method; returns ``(local_field_ppm, mask)``."""
+    if method == 'vsharp':
+        return vsharp(total_field_ppm, mask, voxel_size, **options)
+    raise ValueError(f'unknown background removal method {method!r}; choose from {BGREMOVE_METHODS}')

@@ -1,0 +1,112 @@
+"""The dipole physics shared by every stage: constants, B0 direction, dipole kernel and operator.
+
+Conventions (../shared/CONVENTIONS.md): fields and susceptibility in ppm, the dipole kernel
+D(k) = 1/3 - (k.h)^2/|k|^2 with k from ``fftfreq(n, d=voxel_size)`` and D(0) = 0, and the B0
+direction h expressed in the voxel axes of the array as nibabel loads it.
+"""
+import numpy as np
+import scipy.fft
+
+GAMMA_BAR_MHZ_PER_T = 42.57747892
+
+
+def hz_per_ppm(field_strength_t):
+    """Frequency offset in Hz of a 1 ppm field at ``field_strength_t`` tesla."""
+    return GAMMA_BAR_MHZ_PER_T * field_strength_t
+
+
+def voxel_size_from_affine(affine):
+    """Voxel size in mm: the norms of the columns of the affine's 3x3 part."""
+    return np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+
+
+def b0_direction_from_affine(affine):
+    """Unit B0 direction in voxel axes: h = R^T (0, 0, 1), R the affine's rotation.
+
+    Scanner (world) z is the B0 axis; R is the 3x3 part of the affine with each column divided
+    by its voxel size, so h is the third row of R.
+    """
+    rotation = np.asarray(affine, dtype=float)[:3, :3] / voxel_size_from_affine(affine)
+    b0_dir = rotation.T @ np.array([0.0, 0.0, 1.0])
+    return b0_dir / np.linalg.norm(b0_dir)
+
+
+def padded_shape(shape, factor=1.0, multiple=8):
+    """Shape at least ``factor`` times ``shape``, rounded up to FFT-friendly sizes."""
+    return tuple(scipy.fft.next_fast_len(int(np.ceil(n * factor / multiple)) * multiple, real=True)
+                 for n in shape)
+
+
+def kspace_grid(shape, voxel_size, real=True):
+    """Spatial frequencies (1/mm) per axis, broadcastable, for an (r)fft of ``shape``."""
+    axes = []
+    for axis, (n, d) in enumerate(zip(shape, voxel_size)):
+        is_last = axis == len(shape) - 1
+        freqs = np.fft.rfftfreq(n, d=d) if (real and is_last) else np.fft.fftfreq(n, d=d)
+        view = [1] * len(shape)
+        view[axis] = freqs.size
+        axes.append(freqs.reshape(view).astype(np.float32))
+    return axes
+
+
+def dipole_kernel(shape, voxel_size, b0_dir, real=True):
+    """Dipole kernel D(k) on the (r)fft grid of ``shape``; D(0) = 0. float32."""
+    b0_dir = np.asarray(b0_dir, dtype=np.float64)
+    b0_dir = b0_dir / np.linalg.norm(b0_dir)
+    kx, ky, kz = kspace_grid(shape, voxel_size, real=real)
+    k_dot_h = kx * b0_dir[0] + ky * b0_dir[1] + kz * b0_dir[2]
+    k_squared = kx ** 2 + ky ** 2 + kz ** 2
+    with np.errstate(divide='ignore', invalid='ignore'):
+        kernel = np.float32(1.0 / 3.0) - k_dot_h ** 2 / k_squared
+    kernel[0, 0, 0] = 0.0
+    return kernel.astype(np.float32)
+
+
+def smv_kernel(shape, voxel_size, radius_mm, real=True):
+    """Fourier transform of a normalised sphere of ``radius_mm`` (the spherical mean value).
+
+    The sphere is sampled on the voxel grid centred at the origin (wrapped), so that its
+    transform is real and the kernel's DC value is exactly 1.
+    """
+    grids = [np.fft.fftfreq(n, d=1.0 / n) * d for n, d in zip(shape, voxel_size)]
+    x, y, z = np.meshgrid(*grids, indexing='ij', sparse=True)
+    sphere = ((x ** 2 + y ** 2 + z ** 2) <= radius_mm ** 2).astype(np.float32)
+    sphere /= sphere.sum()
+    transform = scipy.fft.rfftn(sphere) if real else scipy.fft.fftn(sphere)
+    return np.real(transform).astype(np.float32)
+
+
+def sphere_structure(radius_mm, voxel_size):
+    """Boolean ball of ``radius_mm`` on the voxel grid, for morphology."""
+    half = [int(np.floor(radius_mm / d)) for d in voxel_size]
+    grids = [np.arange(-h, h + 1) * d for h, d in zip(half, voxel_size)]
+    x, y, z = np.meshgrid(*grids, indexing='ij', sparse=True)
+    return (x ** 2 + y ** 2 + z ** 2) <= radius_mm ** 2
+
+
+class DipoleOperator:
+    """The dipole convolution for one grid, voxel size and B0 direction: forward and adjoint.
+
+    ``pad_factor`` > 1 zero-pads the volume before the FFT so that the convolution does not
+    wrap around; the operator is then the exact linear convolution cropped to the input grid.
+    """
+
+    def __init__(self, shape, voxel_size, b0_dir, pad_factor=1.0):
+        self.shape = tuple(int(n) for n in shape)
+        self.voxel_size = tuple(float(v) for v in voxel_size)
+        self.b0_dir = np.asarray(b0_dir, dtype=float) / np.linalg.norm(b0_dir)
+        self.fft_shape = padded_shape(self.shape, pad_factor) if pad_factor > 1 else self.shape
+        self.kernel = dipole_kernel(self.fft_shape, self.voxel_size, self.b0_dir)
+
+    def _convolve(self, volume):
+        spectrum = scipy.fft.rfftn(np.asarray(volume, dtype=np.float32), s=self.fft_shape)
+        result = scipy.fft.irfftn(spectrum * self.kernel, s=self.fft_shape)
+        return result[tuple(slice(0, n) for n in self.shape)].astype(np.float32)
+
+    def forward(self, chi_ppm):
+        """Field (ppm) produced by susceptibility ``chi_ppm``."""
+        return self._convolve(chi_ppm)
+
+    def adjoint(self, field_ppm):
+        """Adjoint of ``forward``: the kernel is real and even, so the same convolution."""
+        return self._convolve(field_ppm)

@@ -1,0 +1,103 @@
+"""Workflows of one MEGRE series: echo fits and masking, field to susceptibility, derivatives."""
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..interfaces.derivatives import DerivativesSink
+from ..interfaces.qsm import (BrainMask, FitR2star, FitTotalField, Invert, LoadMEGRE, RemoveBackground,
+                              UnwrapPhase)
+from ..science import inversion
+
+
+def init_megre_wf(*, series, phase_sign=1, unwrap='laplacian', user_mask=None, omp_nthreads=1,
+                  name='megre_wf'):
+    """Multi-echo GRE to total field (ppm), R2*, T2* and a brain mask.
+
+    Outputs (``outputnode``): magnitude (4-D), total_field, mask, reliable_mask (the mask without
+    voxels whose field is a phase wrap off their neighbours), r2star, t2star.
+
+    >>> wf = init_megre_wf(series=series)  # doctest: +SKIP
+    """
+    workflow = pe.Workflow(name=name)
+    outputnode = pe.Node(niu.IdentityInterface(
+        fields=['magnitude', 'total_field', 'mask', 'reliable_mask', 'r2star', 't2star']), name='outputnode')
+    load_megre = pe.Node(LoadMEGRE(magnitude_files=series.magnitude_files, phase_files=series.phase_files,
+                                   phase_range=series.phase_range, phase_sign=phase_sign), name='load_megre')
+    brain_mask = pe.Node(BrainMask(), name='brain_mask')
+    if user_mask:
+        brain_mask.inputs.user_mask = user_mask
+    fit_r2star = pe.Node(FitR2star(echo_times=series.echo_times_s), name='fit_r2star')
+    unwrap_phase = pe.Node(UnwrapPhase(echo_times=series.echo_times_s, method=unwrap, num_threads=omp_nthreads),
+                           name='unwrap_phase', n_procs=omp_nthreads)
+    fit_total_field = pe.Node(FitTotalField(echo_times=series.echo_times_s, field_strength=series.field_strength_t),
+                              name='fit_total_field')
+    workflow.connect([
+        (load_megre, brain_mask, [('magnitude', 'magnitude')]),
+        (load_megre, fit_r2star, [('magnitude', 'magnitude')]),
+        (brain_mask, fit_r2star, [('mask', 'mask')]),
+        (load_megre, unwrap_phase, [('phase', 'phase'), ('magnitude', 'magnitude')]),
+        (brain_mask, unwrap_phase, [('mask', 'mask')]),
+        (unwrap_phase, fit_total_field, [('unwrapped_phase', 'unwrapped_phase')]),
+        (load_megre, fit_total_field, [('magnitude', 'magnitude')]),
+        (brain_mask, fit_total_field, [('mask', 'mask')]),
+        (load_megre, outputnode, [('magnitude', 'magnitude')]),
+        (brain_mask, outputnode, [('mask', 'mask')]),
+        (fit_r2star, outputnode, [('r2star', 'r2star'), ('t2star', 't2star')]),
+        (fit_total_field, outputnode, [('total_field', 'total_field'), ('reliable_mask', 'reliable_mask')]),
+    ])
+    return workflow
+
+
+def init_field_to_chi_wf(*, b0_dir, bgremove='vsharp', inversion_method=inversion.DEFAULT_INVERSION,
+                         omp_nthreads=1, name='field_to_chi_wf'):
+    """Total field (ppm) to referenced susceptibility (ppm): background removal, then inversion.
+
+    Inputs (``inputnode``): total_field, mask, magnitude.
+    Outputs (``outputnode``): chi, local_field, mask (where the local field is valid).
+
+    >>> wf = init_field_to_chi_wf(b0_dir=[0, 0, 1])  # doctest: +SKIP
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=['total_field', 'mask', 'magnitude']), name='inputnode')
+    outputnode = pe.Node(niu.IdentityInterface(fields=['chi', 'local_field', 'mask']), name='outputnode')
+    remove_background = pe.Node(RemoveBackground(method=bgremove, num_threads=omp_nthreads),
+                                name='remove_background', n_procs=omp_nthreads)
+    invert = pe.Node(Invert(method=inversion_method, b0_dir=[float(v) for v in b0_dir], num_threads=omp_nthreads),
+                     name='invert', n_procs=omp_nthreads)
+    workflow.connect([
+        (inputnode, remove_background, [('total_field', 'total_field'), ('mask', 'mask')]),
+        (remove_background, invert, [('local_field', 'local_field'), ('mask', 'mask')]),
+        (inputnode, invert, [('magnitude', 'magnitude')]),
+        (invert, outputnode, [('chi', 'chi')]),
+        (remove_background, outputnode, [('local_field', 'local_field'), ('mask', 'mask')]),
+    ])
+    return workflow
+
+
+def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, unwrap='laplacian',
+                   bgremove='vsharp', inversion_method=inversion.DEFAULT_INVERSION, user_mask=None,
+                   omp_nthreads=1, name='series_wf'):
+    """One MEGRE series from raw echoes to written derivatives.
+
+    ``metadata`` holds the sidecar keys common to every output, ``parameters`` the keys of
+    each output (see ``qsmprep.interfaces.derivatives.OUTPUTS``).
+    """
+    workflow = pe.Workflow(name=name)
+    megre_wf = init_megre_wf(series=series, phase_sign=phase_sign, unwrap=unwrap, user_mask=user_mask,
+                             omp_nthreads=omp_nthreads)
+    field_to_chi_wf = init_field_to_chi_wf(b0_dir=series.b0_dir, bgremove=bgremove,
+                                           inversion_method=inversion_method, omp_nthreads=omp_nthreads)
+    derivatives_sink = pe.Node(
+        DerivativesSink(output_dir=str(output_dir), prefix=series.name, subject=series.entities['subject'],
+                        session=series.entities.get('session', ''), reference_file=series.magnitude_files[0],
+                        metadata=metadata, parameters=parameters),
+        name='derivatives_sink', run_without_submitting=True, overwrite=True)
+    workflow.connect([
+        (megre_wf, field_to_chi_wf, [('outputnode.total_field', 'inputnode.total_field'),
+                                     ('outputnode.reliable_mask', 'inputnode.mask'),
+                                     ('outputnode.magnitude', 'inputnode.magnitude')]),
+        (megre_wf, derivatives_sink, [('outputnode.r2star', 'r2starmap'), ('outputnode.t2star', 't2starmap'),
+                                      ('outputnode.total_field', 'total_field')]),
+        (field_to_chi_wf, derivatives_sink, [('outputnode.chi', 'chimap'), ('outputnode.local_field', 'local_field'),
+                                             ('outputnode.mask', 'brain_mask')]),
+    ])
+    return workflow

@@ -1,0 +1,106 @@
+"""The real ``qsmprep`` command line on a small simulated BIDS dataset."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from benchmarks.evaluate import evaluate_subject
+
+SPEC = json.loads((Path(__file__).resolve().parents[1] / 'bids_spec' / 'derivatives.json').read_text())
+QSMPREP = str(Path(sys.executable).with_name('qsmprep'))
+
+
+def run_qsmprep(*args):
+    return subprocess.run([QSMPREP, *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope='module')
+def participant_run(bids_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp('run')
+    output_dir, work_dir = root / 'out', root / 'work'
+    result = run_qsmprep(bids_dataset, output_dir, 'participant', '-w', work_dir, '--nprocs', '2')
+    assert result.returncode == 0, result.stderr
+    return output_dir, work_dir
+
+
+def test_derivatives_follow_the_bids_spec(participant_run, bids_dataset):
+    output_dir, _ = participant_run
+    description = json.loads((output_dir / 'dataset_description.json').read_text())
+    assert description['DatasetType'] == 'derivative'
+    assert description['GeneratedBy'][0]['Name'] == 'qsmprep' and description['GeneratedBy'][0]['Version']
+    for label in ('01', '02'):
+        source = nib.load(bids_dataset / f'sub-{label}' / 'anat' / f'sub-{label}_echo-1_part-mag_MEGRE.nii.gz')
+        for spec in SPEC['outputs'].values():
+            name = spec['pattern'].split('<entities>')[1]
+            image_path = output_dir / f'sub-{label}' / 'anat' / f'sub-{label}{name}'
+            image = nib.load(image_path)
+            assert image.shape == source.shape and np.allclose(image.affine, source.affine)
+            sidecar = json.loads(Path(str(image_path).replace('.nii.gz', '.json')).read_text())
+            assert sidecar['Units'] == spec['Units']
+            missing = set(SPEC['common_sidecar_keys'] + spec['sidecar_keys']) - set(sidecar)
+            assert not missing, f'{image_path.name} lacks {missing}'
+            assert sidecar['Sources'][0].startswith('bids:raw:sub-')
+
+
+@pytest.mark.parametrize('label', ['01', '02'])
+def test_chimap_matches_the_simulated_truth(participant_run, bids_dataset, label):
+    """Subject 02 is tilted by 18 degrees: its B0 direction is known only from the affine."""
+    output_dir, _ = participant_run
+    scores = evaluate_subject(output_dir, bids_dataset, label)
+    assert scores['mask_coverage'] > 0.8
+    assert scores['chi_nrmse'] < 75
+    sidecar = json.loads((output_dir / f'sub-{label}' / 'anat' / f'sub-{label}_Chimap.json').read_text())
+    assert sidecar['B0DirectionSource'] == 'image affine'
+    assert np.isclose(sidecar['B0Direction'][2], np.cos(np.deg2rad(18 if label == '02' else 0)), atol=1e-4)
+
+
+def test_rerun_with_the_same_work_dir_resumes(participant_run, bids_dataset):
+    output_dir, work_dir = participant_run
+    results = sorted(work_dir.glob('qsmprep_wf/series_sub_01_wf/field_to_chi_wf/invert/result_invert.pklz'))
+    assert results
+    before = results[0].stat().st_mtime
+    result = run_qsmprep(bids_dataset, output_dir, 'participant', '-w', work_dir, '--participant-label', 'sub-01')
+    assert result.returncode == 0, result.stderr
+    assert results[0].stat().st_mtime == before  # the inversion was not run again
+
+
+def test_missing_echo_time_stops_with_a_message_and_writes_no_map(bids_dataset, tmp_path):
+    broken = tmp_path / 'bids'
+    shutil.copytree(bids_dataset, broken)
+    sidecar = broken / 'sub-01' / 'anat' / 'sub-01_echo-3_part-phase_MEGRE.json'
+    content = json.loads(sidecar.read_text())
+    del content['EchoTime']
+    sidecar.write_text(json.dumps(content))
+    output_dir = tmp_path / 'out'
+    result = run_qsmprep(broken, output_dir, 'participant', '-w', tmp_path / 'work', '--participant-label', '01')
+    assert result.returncode != 0
+    assert str(sidecar) in result.stderr and 'EchoTime' in result.stderr
+    assert 'Traceback' not in result.stderr
+    assert not list(output_dir.rglob('*.nii*'))
+
+
+def test_not_a_bids_folder_is_one_clear_message(tmp_path):
+    (tmp_path / 'data').mkdir()
+    result = run_qsmprep(tmp_path / 'data', tmp_path / 'out', 'participant')
+    assert result.returncode == 1
+    assert 'dataset_description.json' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_unknown_participant_is_named(bids_dataset, tmp_path):
+    result = run_qsmprep(bids_dataset, tmp_path / 'out', 'participant', '--participant-label', '99')
+    assert result.returncode == 1 and '99' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_group_level_is_not_implemented_yet(bids_dataset, tmp_path):
+    result = run_qsmprep(bids_dataset, tmp_path / 'out', 'group')
+    assert result.returncode == 2 and 'not implemented yet' in result.stderr
+
+
+def test_version():
+    result = run_qsmprep('--version')
+    assert result.returncode == 0 and result.stdout.startswith('qsmprep ')
