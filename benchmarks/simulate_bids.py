@@ -1,7 +1,9 @@
 """Simulated multi-echo GRE head datasets in BIDS form, with their ground truth.
 
-For the tests, the demo and the benchmarks only: it uses qsm-forward (GPL), which the qsmprep
-package itself never imports. The head is built from the MNI152 2009a T1, grey and white matter
+For the tests, the demo and the benchmarks only: it uses qsm-forward (GPL) for the signal model,
+noise and phase offset; the qsmprep package itself never imports it. The field is computed with
+qsmprep's dipole operator on a finer grid (``voxel_averaged_field``); tests/test_physics.py checks
+that operator against qsm-forward's. The head is built from the MNI152 2009a T1, grey and white matter
 maps that nilearn ships: brain tissue with deep grey matter nuclei, veins and a calcification,
 a skull, soft tissue, air sinuses and the air around the head, so that the background field has
 the shape and size of a real one. A tilted head keeps its voxel grid and rotates its affine, so
@@ -21,7 +23,7 @@ import numpy as np
 import qsm_forward
 from scipy import ndimage
 
-from qsmprep.science.physics import b0_direction_from_affine, sphere_structure
+from qsmprep.science.physics import DipoleOperator, b0_direction_from_affine, sphere_structure
 
 MNI_DATA = Path(nilearn.datasets.__file__).parent / 'data'
 MNI_FILES = {
@@ -139,11 +141,6 @@ def head_phantom(voxel_size_mm=1.0, seed=0):
     csf = intracranial & ~brain
     m0[csf], r1[csf], r2star[csf] = 1.0, 0.25, 4.0
     chi[bone], chi[air] = CHI_BONE, CHI_AIR
-    # Partial volume at the skull and air boundaries: a voxelised step of 9 ppm gives a field
-    # that rings far into the brain on the FFT grid (worst with an oblique B0), which a measured
-    # field does not. Smoothing the sources outside the skull cavity by about a voxel removes it.
-    sigma_voxels = max(1.0, 0.75 * voxel_size_mm) / voxel_size_mm
-    chi = np.where(intracranial, chi, ndimage.gaussian_filter(chi, sigma_voxels))
     m0[soft_tissue], r1[soft_tissue], r2star[soft_tissue] = 0.8, 1.0, 35.0
     m0[bone], r1[bone], r2star[bone] = 0.05, 1.0, 300.0
     m0[air], r1[air], r2star[air] = 0.0, 1.0, 0.0
@@ -167,6 +164,26 @@ def tilted_affine(affine, tilt_deg):
     return rotation @ affine
 
 
+def voxel_averaged_field(chi_ppm, voxel_size, b0_dir, supersampling=2):
+    """Field (ppm) of ``chi_ppm`` averaged over each voxel, as a scanner measures it.
+
+    The field is computed on a grid ``supersampling`` times finer (each voxel copied) and
+    averaged back. On the coarse grid itself an oblique dipole kernel is discontinuous at the
+    Nyquist frequency, so a voxelised step of several ppm at the skull or an air cavity would
+    ring through the whole brain; averaging two fine voxels cancels the fine grid's Nyquist
+    frequency exactly. Zero-padded, so ``chi_ppm`` must be 0 where the world around it is.
+    """
+    fine = chi_ppm
+    for axis in range(3):
+        fine = np.repeat(fine, supersampling, axis=axis)
+    fine_voxel = [v / supersampling for v in voxel_size]
+    field = DipoleOperator(fine.shape, fine_voxel, b0_dir, pad_factor=1.5).forward(fine)
+    del fine
+    n0, n1, n2 = chi_ppm.shape
+    s = supersampling
+    return field.reshape(n0, s, n1, s, n2, s).mean(axis=(1, 3, 5)).astype(np.float32)
+
+
 def simulate_megre(phantom, affine, echo_times_s=ECHO_TIMES_S, field_strength_t=FIELD_STRENGTH_T,
                    peak_snr=100.0, seed=0):
     """Multi-echo magnitude and phase (echoes on the last axis) and the true fields in ppm."""
@@ -174,9 +191,9 @@ def simulate_megre(phantom, affine, echo_times_s=ECHO_TIMES_S, field_strength_t=
     voxel_size = np.linalg.norm(affine[:3, :3], axis=0)
     b0_dir = b0_direction_from_affine(affine)
     brain = phantom['brain_mask']
-    total_field = qsm_forward.generate_field(phantom['chi'], voxel_size=voxel_size, B0_dir=b0_dir)
-    local_field = qsm_forward.generate_field(np.where(brain, phantom['chi'], 0), voxel_size=voxel_size,
-                                             B0_dir=b0_dir)
+    # Relative to air, the world outside the grid is 0, as the zero padding assumes.
+    total_field = voxel_averaged_field(phantom['chi'] - CHI_AIR, voxel_size, b0_dir)
+    local_field = voxel_averaged_field(np.where(brain, phantom['chi'], 0), voxel_size, b0_dir)
     magnitude, phase = [], []
     for te in echo_times_s:
         signal = qsm_forward.generate_signal(

@@ -16,7 +16,12 @@ def test_unwrapped_total_field_of_the_simulated_head_matches_the_truth(head):
     magnitude, phase = head.megre['magnitude'], head.megre['phase']
     mask = masking.brain_mask(masking.combined_magnitude(magnitude), head.voxel_size)
     unwrapped = unwrap.unwrap_echoes(phase, magnitude, head.echo_times, head.voxel_size, mask)
-    total_field, _ = echofit.fit_total_field(unwrapped, magnitude, head.echo_times, head.field_strength, mask)
-    assert metrics.nrmse(total_field, head.megre['total_field'], mask) < 10
+    total_field, offset = echofit.fit_total_field(unwrapped, magnitude, head.echo_times, head.field_strength, mask)
+    # Next to the sinuses a few edge voxels alias (the field changes by more than pi per voxel
+    # between echoes); the reliability check must find them all and keep the rest.
+    reliable = echofit.reliable_field_mask(total_field, offset, mask, head.voxel_size, head.echo_times,
+                                           head.field_strength)
+    assert reliable.sum() / mask.sum() > 0.99
+    assert metrics.nrmse(total_field, head.megre['total_field'], reliable) < 2
     # The opposite phase sign gives the negated field, far outside the threshold.
-    assert metrics.nrmse(-total_field, head.megre['total_field'], mask) > 150
+    assert metrics.nrmse(-total_field, head.megre['total_field'], reliable) > 150

@@ -173,9 +173,10 @@ class FitTotalField(SimpleInterface):
         phase, image = _load(self.inputs.unwrapped_phase)
         magnitude = _load(self.inputs.magnitude)[0]
         mask = _load(self.inputs.mask, bool)[0]
-        field_ppm, _ = echofit.fit_total_field(phase, magnitude, self.inputs.echo_times,
-                                               self.inputs.field_strength, mask)
-        reliable = echofit.reliable_field_mask(field_ppm, mask, self.inputs.echo_times, self.inputs.field_strength)
+        field_ppm, phase_offset = echofit.fit_total_field(phase, magnitude, self.inputs.echo_times,
+                                                          self.inputs.field_strength, mask)
+        reliable = echofit.reliable_field_mask(field_ppm, phase_offset, mask, voxel_size_from_affine(image.affine),
+                                               self.inputs.echo_times, self.inputs.field_strength)
         reference = image.slicer[..., 0]
         self._results['total_field'] = _save(field_ppm, reference, 'total_field.nii.gz')
         self._results['reliable_mask'] = _save(reliable, reference, 'reliable_mask.nii.gz', np.uint8)

@@ -80,14 +80,23 @@ def wrap_period_ppm(echo_times, field_strength_t):
     return 1.0 / (spacing * hz_per_ppm(field_strength_t))
 
 
-def reliable_field_mask(field_ppm, mask, echo_times, field_strength_t):
-    """``mask`` without the voxels whose field is half a wrap period or more off its neighbours.
+def reliable_field_mask(field_ppm, phase_offset, mask, voxel_size, echo_times, field_strength_t,
+                        smoothing_mm=4.0):
+    """``mask`` without the voxels that took a wrong 2 pi in unwrapping, and their neighbours.
 
-    Such voxels took a wrong 2 pi somewhere in the unwrapping; a background removal that
-    averages over spheres would smear their error over the brain, so they and their direct
-    neighbours are left out of the mask it works on.
+    A wrong 2 pi in the echo spacing shifts the fitted field by a wrap period and the fitted
+    phase offset (the phase at TE = 0, smooth in space) by 2 pi TE1 / spacing. A voxel is
+    dropped when its field is half a period off the median of its 5x5x5 neighbourhood, or when
+    its phase offset is more than pi / 3 off the local magnitude-free average of the offset
+    (Gaussian, ``smoothing_mm``), which still holds at the edge of the mask where few
+    neighbours vote. A background removal that averages over spheres would otherwise smear
+    their error over the brain.
     """
     mask = np.asarray(mask, dtype=bool)
-    deviation = np.abs(np.asarray(field_ppm, dtype=np.float32) - masked_median(field_ppm, mask, size=5))
-    outliers = mask & (deviation > wrap_period_ppm(echo_times, field_strength_t) / 2)
-    return mask & ~ndimage.binary_dilation(outliers)
+    field_deviation = np.abs(np.asarray(field_ppm, dtype=np.float32) - masked_median(field_ppm, mask, size=5))
+    outliers = field_deviation > wrap_period_ppm(echo_times, field_strength_t) / 2
+    sigma = [smoothing_mm / d for d in voxel_size]
+    unit_offset = np.where(mask, np.exp(1j * np.asarray(phase_offset, dtype=np.float32)), 0)
+    local_offset = ndimage.gaussian_filter(unit_offset.real, sigma) + 1j * ndimage.gaussian_filter(unit_offset.imag, sigma)
+    outliers |= np.abs(np.angle(unit_offset * np.conj(local_offset))) > np.pi / 3
+    return mask & ~ndimage.binary_dilation(mask & outliers)
