@@ -15,12 +15,14 @@ The truth goes to OUT_DIR/derivatives/truth/sub-<label>/anat/ (pybids ignores de
 """
 import argparse
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
 import nilearn.datasets
 import numpy as np
 import qsm_forward
+import scipy.fft
 from scipy import ndimage
 
 from qsmprep.science.physics import DipoleOperator, b0_direction_from_affine, sphere_structure
@@ -177,7 +179,8 @@ def voxel_averaged_field(chi_ppm, voxel_size, b0_dir, supersampling=2):
     for axis in range(3):
         fine = np.repeat(fine, supersampling, axis=axis)
     fine_voxel = [v / supersampling for v in voxel_size]
-    field = DipoleOperator(fine.shape, fine_voxel, b0_dir, pad_factor=1.5).forward(fine)
+    with scipy.fft.set_workers(os.cpu_count() or 1):
+        field = DipoleOperator(fine.shape, fine_voxel, b0_dir, pad_factor=1.5).forward(fine)
     del fine
     n0, n1, n2 = chi_ppm.shape
     s = supersampling

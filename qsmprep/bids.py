@@ -3,7 +3,6 @@
 Every problem is raised as an ``InputError`` whose text names the file, the key and the fix,
 so the command line can print it as one sentence and stop that series before anything runs.
 """
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

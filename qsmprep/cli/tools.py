@@ -5,13 +5,13 @@ given. Outputs are written on the input grid with the input affine.
 """
 import argparse
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import scipy.fft
 
 from .. import __version__
+from ..nifti import save_like
 from ..science import bgremove, echofit, inversion, masking, unwrap
 from ..science.physics import b0_direction_from_affine, voxel_size_from_affine
 
@@ -41,13 +41,7 @@ def _load_mask(path, reference_image, reference_path):
 
 
 def _save(array, reference_image, path, dtype=np.float32):
-    header = reference_image.header.copy()
-    header.set_data_dtype(dtype)
-    header.set_slope_inter(1, 0)
-    affine = reference_image.affine
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    nib.Nifti1Image(np.asarray(array, dtype=dtype), affine, header).to_filename(str(path))
-    print(f'wrote {path}')
+    print(f'wrote {save_like(array, reference_image, path, dtype)}')
 
 
 def _b0_dir(args, image):

@@ -12,6 +12,8 @@ import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File, SimpleInterface, TraitedSpec, traits
 
+from ..nifti import save_like
+
 # output key: (file name ending after the entities, Units, what the map is)
 OUTPUTS = {
     'chimap': ('Chimap', 'ppm', 'magnetic susceptibility'),
@@ -68,12 +70,8 @@ class DerivativesSink(SimpleInterface):
                                      self.inputs.session, ending)
             target.parent.mkdir(parents=True, exist_ok=True)
             temporary = target.with_name('.' + target.name)
-            data = np.asanyarray(image.dataobj)
-            dtype = np.uint8 if key == 'brain_mask' else np.float32
-            header = reference.header.copy()
-            header.set_data_dtype(dtype)
-            header.set_slope_inter(1, 0)
-            nib.Nifti1Image(data.astype(dtype), reference.affine, header).to_filename(temporary)
+            save_like(np.asanyarray(image.dataobj), reference, temporary,
+                      np.uint8 if key == 'brain_mask' else np.float32)
             sidecar = {'Units': units, 'Description': description, **self.inputs.metadata,
                        **self.inputs.parameters.get(key, {})}
             sidecar_path = Path(str(target).replace('.nii.gz', '.json'))

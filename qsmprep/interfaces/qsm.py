@@ -12,6 +12,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObje
                                     TraitedSpec, isdefined, traits)
 
 from ..science import bgremove, echofit, inversion, masking, unwrap
+from ..nifti import save_like
 from ..science.physics import voxel_size_from_affine
 
 
@@ -21,12 +22,7 @@ def _load(path, dtype=np.float32):
 
 
 def _save(array, reference, filename, dtype=np.float32):
-    header = reference.header.copy()
-    header.set_data_dtype(dtype)
-    header.set_slope_inter(1, 0)
-    path = os.path.abspath(filename)
-    nib.Nifti1Image(np.asarray(array, dtype=dtype), reference.affine, header).to_filename(path)
-    return path
+    return save_like(array, reference, os.path.abspath(filename), dtype)
 
 
 class _ThreadedInputSpec(BaseInterfaceInputSpec):

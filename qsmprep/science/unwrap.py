@@ -117,12 +117,18 @@ def congruent_unwrap(wrapped_phase, voxel_size, mask, method='laplacian', median
         raise ValueError(f'unknown unwrapping method {method!r}; choose from {UNWRAP_METHODS}')
     wrapped_phase = np.asarray(wrapped_phase, dtype=np.float32)
     mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.zeros_like(wrapped_phase)
+
+    def snapped_to(estimate):
+        wraps = np.round((estimate - wrapped_phase) / (2 * np.pi))
+        return np.where(mask, wrapped_phase + 2 * np.pi * wraps, 0.0).astype(np.float32)
+
     estimate = laplacian_unwrap(wrapped_phase, voxel_size, mask)
-    for _ in range(median_passes + 1):
-        offset = np.median(wrap(wrapped_phase - estimate)[mask]) if mask.any() else 0.0
-        wraps = np.round((estimate + offset - wrapped_phase) / (2 * np.pi))
-        unwrapped = np.where(mask, wrapped_phase + 2 * np.pi * wraps, 0.0).astype(np.float32)
-        estimate = masked_median(unwrapped, mask)
+    # The least-squares estimate has mean 0 inside the mask; shift it onto the measured phase.
+    unwrapped = snapped_to(estimate + np.median(wrap(wrapped_phase - estimate)[mask]))
+    for _ in range(median_passes):
+        unwrapped = snapped_to(masked_median(unwrapped, mask))
     return unwrapped
 
 

@@ -1,0 +1,78 @@
+"""`qsmprep-tools` on plain NIfTI files of the simulated head."""
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qsmprep.science import metrics
+
+TOOLS = str(Path(sys.executable).with_name('qsmprep-tools'))
+
+
+def run_tool(*args):
+    return subprocess.run([TOOLS, *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope='module')
+def files(head, tmp_path_factory):
+    folder = tmp_path_factory.mktemp('tools')
+    arrays = {'magnitude': head.megre['magnitude'], 'phase': head.megre['phase'], 'brain': head.brain,
+              'total_field': head.megre['total_field'], 'local_field': head.megre['local_field']}
+    paths = {}
+    for name, array in arrays.items():
+        paths[name] = folder / f'{name}.nii.gz'
+        nib.Nifti1Image(np.asarray(array, np.float32), head.affine).to_filename(paths[name])
+    paths['folder'] = folder
+    return paths
+
+
+def load(path):
+    return nib.load(path).get_fdata()
+
+
+def test_invert(files, head):
+    out = files['folder'] / 'chi.nii.gz'
+    result = run_tool('invert', files['local_field'], '--mask', files['brain'], '--method', 'tkd', '-o', out)
+    assert result.returncode == 0, result.stderr
+    assert metrics.nrmse(load(out), head.chi, head.brain) < 75
+
+
+def test_bgremove(files, head):
+    out, out_mask = files['folder'] / 'local.nii.gz', files['folder'] / 'local_mask.nii.gz'
+    result = run_tool('bgremove', files['total_field'], '--mask', files['brain'], '--method', 'vsharp', '-o', out,
+                      '--out-mask', out_mask)
+    assert result.returncode == 0, result.stderr
+    valid = load(out_mask) > 0
+    assert metrics.nrmse(load(out), head.megre['local_field'], valid) < 45
+
+
+def test_mask_r2star_and_unwrap(files, head):
+    mask = files['folder'] / 'mask.nii.gz'
+    assert run_tool('mask', files['magnitude'], '-o', mask).returncode == 0
+    computed_mask = load(mask) > 0
+    assert (computed_mask & head.brain).sum() / head.brain.sum() > 0.97
+    echo_times = [f'{t:g}' for t in head.echo_times]
+    r2star = files['folder'] / 'r2star.nii.gz'
+    result = run_tool('r2star', files['magnitude'], '--echo-times', *echo_times, '--mask', mask, '-o', r2star)
+    assert result.returncode == 0, result.stderr
+    assert metrics.nrmse(load(r2star), head.phantom['r2star'], computed_mask & head.brain) < 25
+    unwrapped = files['folder'] / 'unwrapped.nii.gz'
+    result = run_tool('unwrap', files['phase'], '--magnitude', files['magnitude'], '--echo-times', *echo_times,
+                      '--mask', mask, '-o', unwrapped)
+    assert result.returncode == 0, result.stderr
+    phase = load(unwrapped)
+    # The first-to-last echo difference of the unwrapped phase carries the total field.
+    hz_per_ppm = 42.57747892 * head.field_strength
+    field = (phase[..., -1] - phase[..., 0]) / (2 * np.pi * hz_per_ppm * (head.echo_times[-1] - head.echo_times[0]))
+    assert metrics.nrmse(field, head.megre['total_field'], computed_mask & head.brain) < 10
+
+
+def test_a_mask_on_another_grid_is_one_clear_message(files, tmp_path):
+    small = tmp_path / 'small_mask.nii.gz'
+    nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)).to_filename(small)
+    result = run_tool('invert', files['local_field'], '--mask', small, '-o', tmp_path / 'chi.nii.gz')
+    assert result.returncode == 1
+    assert str(small) in result.stderr and 'grid' in result.stderr and 'Traceback' not in result.stderr
