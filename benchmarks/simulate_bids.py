@@ -25,7 +25,8 @@ import qsm_forward
 import scipy.fft
 from scipy import ndimage
 
-from qsmprep.science.physics import DipoleOperator, b0_direction_from_affine, sphere_structure
+from qsmprep.science.masking import dilated, eroded
+from qsmprep.science.physics import DipoleOperator, b0_direction_from_affine
 
 MNI_DATA = Path(nilearn.datasets.__file__).parent / 'data'
 MNI_FILES = {
@@ -111,10 +112,10 @@ def head_phantom(voxel_size_mm=1.0, seed=0):
     affine[:3, 3] -= affine[:3, :3] @ np.full(3, margin)
     world = _world_grid(maps['t1'].shape, affine)
 
-    brain = ndimage.binary_fill_holes(ndimage.binary_closing(maps['gm'] + maps['wm'] > 0.5, sphere_structure(3, vs)))
-    intracranial = ndimage.binary_fill_holes(maps['t1'] > 0.15) | ndimage.binary_dilation(brain, sphere_structure(2, vs))
-    skull_outer = ndimage.binary_dilation(intracranial, sphere_structure(BONE_MM, vs))
-    head = ndimage.binary_dilation(skull_outer, sphere_structure(SCALP_MM, vs))
+    brain = ndimage.binary_fill_holes(eroded(dilated(maps['gm'] + maps['wm'] > 0.5, 3, vs), 3, vs))
+    intracranial = ndimage.binary_fill_holes(maps['t1'] > 0.15) | dilated(brain, 2, vs)
+    skull_outer = dilated(intracranial, BONE_MM, vs)
+    head = dilated(skull_outer, SCALP_MM, vs)
     bone = skull_outer & ~intracranial
     air = ~head
     for centre, radii in AIR_POCKETS:

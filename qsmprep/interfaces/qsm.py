@@ -1,7 +1,7 @@
 """Thin Nipype interfaces around qsmprep.science: load NIfTI, call one function, save NIfTI.
 
-Every output is written on the grid and affine of the input. Thread counts reach the FFTs
-through ``scipy.fft.set_workers``.
+Every output is written on the grid and affine of the input, uncompressed (gzip took longer
+than most stages at 1 mm). Thread counts reach the FFTs through ``scipy.fft.set_workers``.
 """
 import os
 
@@ -64,8 +64,8 @@ class LoadMEGRE(SimpleInterface):
             low, high = self.inputs.phase_range
             phase = (phase - low) / (high - low) * 2 * np.pi - np.pi
         phase = unwrap.wrap(self.inputs.phase_sign * phase)
-        self._results['magnitude'] = _save(magnitude, first, 'magnitude.nii.gz')
-        self._results['phase'] = _save(phase, first, 'phase.nii.gz')
+        self._results['magnitude'] = _save(magnitude, first, 'magnitude.nii')
+        self._results['phase'] = _save(phase, first, 'phase.nii')
         return runtime
 
 
@@ -91,7 +91,7 @@ class FitR2star(SimpleInterface):
         mask = _load(self.inputs.mask, bool)[0] if isdefined(self.inputs.mask) else None
         r2star, t2star, s0 = echofit.fit_r2star(magnitude, self.inputs.echo_times, mask)
         for name, volume in (('r2star', r2star), ('t2star', t2star), ('s0', s0)):
-            self._results[name] = _save(volume, image.slicer[..., 0], f'{name}.nii.gz')
+            self._results[name] = _save(volume, image.slicer[..., 0], f'{name}.nii')
         return runtime
 
 
@@ -117,7 +117,7 @@ class BrainMask(SimpleInterface):
         else:
             combined = masking.combined_magnitude(magnitude if magnitude.ndim == 4 else magnitude[..., None])
             mask = masking.brain_mask(combined, voxel_size_from_affine(image.affine))
-        self._results['mask'] = _save(mask, reference, 'brain_mask.nii.gz', np.uint8)
+        self._results['mask'] = _save(mask, reference, 'brain_mask.nii', np.uint8)
         return runtime
 
 
@@ -144,7 +144,7 @@ class UnwrapPhase(_ThreadedInterface):
         mask = _load(self.inputs.mask, bool)[0]
         unwrapped = unwrap.unwrap_echoes(phase, magnitude, self.inputs.echo_times,
                                          voxel_size_from_affine(image.affine), mask, self.inputs.method)
-        self._results['unwrapped_phase'] = _save(unwrapped, image, 'unwrapped_phase.nii.gz')
+        self._results['unwrapped_phase'] = _save(unwrapped, image, 'unwrapped_phase.nii')
 
 
 class _TotalFieldInputSpec(BaseInterfaceInputSpec):
@@ -174,8 +174,8 @@ class FitTotalField(SimpleInterface):
         reliable = echofit.reliable_field_mask(field_ppm, phase_offset, mask, voxel_size_from_affine(image.affine),
                                                self.inputs.echo_times, self.inputs.field_strength)
         reference = image.slicer[..., 0]
-        self._results['total_field'] = _save(field_ppm, reference, 'total_field.nii.gz')
-        self._results['reliable_mask'] = _save(reliable, reference, 'reliable_mask.nii.gz', np.uint8)
+        self._results['total_field'] = _save(field_ppm, reference, 'total_field.nii')
+        self._results['reliable_mask'] = _save(reliable, reference, 'reliable_mask.nii', np.uint8)
         return runtime
 
 
@@ -200,8 +200,8 @@ class RemoveBackground(_ThreadedInterface):
         mask = _load(self.inputs.mask, bool)[0]
         local_field, valid = bgremove.remove_background(total_field, mask, voxel_size_from_affine(image.affine),
                                                         self.inputs.method)
-        self._results['local_field'] = _save(local_field, image, 'local_field.nii.gz')
-        self._results['mask'] = _save(valid, image, 'local_field_mask.nii.gz', np.uint8)
+        self._results['local_field'] = _save(local_field, image, 'local_field.nii')
+        self._results['mask'] = _save(valid, image, 'local_field_mask.nii', np.uint8)
 
 
 class _InvertInputSpec(_ThreadedInputSpec):
@@ -232,4 +232,4 @@ class Invert(_ThreadedInterface):
         chi = inversion.invert(local_field, mask, voxel_size_from_affine(image.affine), self.inputs.b0_dir,
                                method=self.inputs.method, magnitude=magnitude)
         chi = inversion.reference_to_mask_mean(chi, mask)
-        self._results['chi'] = _save(chi, image, 'chi.nii.gz')
+        self._results['chi'] = _save(chi, image, 'chi.nii')

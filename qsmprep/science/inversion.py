@@ -10,14 +10,18 @@
 import numpy as np
 import scipy.fft
 
+from .masking import bounding_box
 from .physics import dipole_kernel, padded_shape
 
 INVERSION_METHODS = ('tv', 'tkd')
 DEFAULT_INVERSION = 'tv'
 TKD_THRESHOLD = 0.19
-# Chosen on simulated heads (benchmarks/), never on in-vivo benchmark data.
-TV_LAMBDA = 3e-4
+# Chosen on simulated 2 mm heads, never on in-vivo data: end-to-end NRMSE 54, 50, 49 % (upright)
+# and 62, 56, 54 % (tilted) at 3e-4, 1e-3, 3e-3; 1e-3 keeps more texture than the piecewise
+# constant phantom rewards.
+TV_LAMBDA = 1e-3
 TV_ITERATIONS = 60
+CROP_MARGIN_VOXELS = 8
 
 
 def _grid(shape):
@@ -118,12 +122,26 @@ def tv_admm(local_field_ppm, mask, voxel_size, b0_dir, magnitude=None, lam=TV_LA
 
 
 def invert(local_field_ppm, mask, voxel_size, b0_dir, method=DEFAULT_INVERSION, magnitude=None, **options):
-    """Dispatch to a dipole inversion method; returns chi in ppm."""
+    """Dispatch to a dipole inversion method; returns chi in ppm.
+
+    The solvers work on the mask's bounding box with a margin of ``CROP_MARGIN_VOXELS``: outside
+    the mask the field is no data (TV) or zero (TKD), and a whole head grid is several times
+    larger than the brain's box.
+    """
+    if method not in INVERSION_METHODS:
+        raise ValueError(f'unknown inversion method {method!r}; choose from {INVERSION_METHODS}')
+    mask = np.asarray(mask, dtype=bool)
+    chi = np.zeros(mask.shape, dtype=np.float32)
+    if not mask.any():
+        return chi
+    box = bounding_box(mask, margin=CROP_MARGIN_VOXELS)
+    field = np.asarray(local_field_ppm, dtype=np.float32)[box]
     if method == 'tv':
-        return tv_admm(local_field_ppm, mask, voxel_size, b0_dir, magnitude=magnitude, **options)
-    if method == 'tkd':
-        return tkd(local_field_ppm, mask, voxel_size, b0_dir, **options)
-    raise ValueError(f'unknown inversion method {method!r}; choose from {INVERSION_METHODS}')
+        cropped_magnitude = None if magnitude is None else np.asarray(magnitude, dtype=np.float32)[box]
+        chi[box] = tv_admm(field, mask[box], voxel_size, b0_dir, magnitude=cropped_magnitude, **options)
+    else:
+        chi[box] = tkd(field, mask[box], voxel_size, b0_dir, **options)
+    return chi
 
 
 def reference_to_mask_mean(chi_ppm, mask):

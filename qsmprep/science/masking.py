@@ -9,8 +9,6 @@ filled (in 3-D only: filling slice by slice would close the dark bone around the
 import numpy as np
 from scipy import ndimage
 
-from .physics import sphere_structure
-
 BIAS_SMOOTHING_MM = 20.0
 
 
@@ -40,6 +38,16 @@ def bias_corrected(magnitude, voxel_size):
     return np.where(level > 0, magnitude / np.where(level > 0, level, 1.0), 0.0).astype(np.float32)
 
 
+def eroded(mask, radius_mm, voxel_size):
+    """Erosion by a ball of ``radius_mm``: the voxels farther than that from the background."""
+    return ndimage.distance_transform_edt(mask, sampling=voxel_size) > radius_mm
+
+
+def dilated(mask, radius_mm, voxel_size):
+    """Dilation by a ball of ``radius_mm``: the voxels within that distance of ``mask``."""
+    return ndimage.distance_transform_edt(~mask, sampling=voxel_size) <= radius_mm
+
+
 def _largest_component(mask):
     """The largest connected component of ``mask``."""
     labels, count = ndimage.label(mask)
@@ -58,12 +66,11 @@ def brain_mask(magnitude, voxel_size, opening_mm=5.0, threshold=None):
     if threshold is None:
         threshold = otsu_threshold(corrected[corrected > 0])
     tissue = corrected > threshold
-    ball = sphere_structure(opening_mm, voxel_size)
-    core = ndimage.binary_erosion(tissue, ball)
+    core = eroded(tissue, opening_mm, voxel_size)
     if not core.any():
         core = tissue
     core = _largest_component(core)
-    mask = ndimage.binary_dilation(core, ball) & tissue
+    mask = dilated(core, opening_mm, voxel_size) & tissue
     mask = _largest_component(mask)
     return ndimage.binary_fill_holes(mask)
 

@@ -76,14 +76,6 @@ def smv_kernel(shape, voxel_size, radius_mm, real=True):
     return np.real(transform).astype(np.float32)
 
 
-def sphere_structure(radius_mm, voxel_size):
-    """Boolean ball of ``radius_mm`` on the voxel grid, for morphology."""
-    half = [int(np.floor(radius_mm / d)) for d in voxel_size]
-    grids = [np.arange(-h, h + 1) * d for h, d in zip(half, voxel_size)]
-    x, y, z = np.meshgrid(*grids, indexing='ij', sparse=True)
-    return (x ** 2 + y ** 2 + z ** 2) <= radius_mm ** 2
-
-
 class DipoleOperator:
     """The dipole convolution for one grid, voxel size and B0 direction: forward and adjoint.
 
