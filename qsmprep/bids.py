@@ -252,6 +252,17 @@ def collect_megre_series(bids_dir, participant_labels=None, session_labels=None,
     return series, errors
 
 
+def check_user_mask(mask_path, series):
+    """Raise ``InputError`` unless the user's mask is a non-empty 3-D image on the series' grid."""
+    mask = nib.load(str(mask_path))
+    reference = nib.load(series.magnitude_files[0])
+    if mask.shape != reference.shape or not np.allclose(mask.affine, reference.affine, atol=1e-3):
+        raise InputError(f'{mask_path}: the mask is not on the grid of {series.magnitude_files[0]} (shape '
+                         f'{mask.shape} vs {reference.shape}); resample it onto the MEGRE grid.')
+    if not np.any(np.asanyarray(mask.dataobj)):
+        raise InputError(f'{mask_path}: the mask is empty; give a mask with the brain set to 1.')
+
+
 def bids_uri(path, bids_dir):
     """BIDS URI of an input file, relative to the raw dataset (``DatasetLinks`` key ``raw``)."""
     return 'bids:raw:' + os.path.relpath(path, bids_dir)

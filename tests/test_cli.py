@@ -104,3 +104,12 @@ def test_group_level_is_not_implemented_yet(bids_dataset, tmp_path):
 def test_version():
     result = run_qsmprep('--version')
     assert result.returncode == 0 and result.stdout.startswith('qsmprep ')
+
+
+def test_a_user_mask_on_another_grid_is_refused_before_anything_runs(bids_dataset, tmp_path):
+    mask = tmp_path / 'mask.nii.gz'
+    nib.Nifti1Image(np.ones((5, 5, 5), np.uint8), np.eye(4)).to_filename(mask)
+    output_dir = tmp_path / 'out'
+    result = run_qsmprep(bids_dataset, output_dir, 'participant', '--participant-label', '01', '--mask', mask)
+    assert result.returncode == 1 and str(mask) in result.stderr and 'grid' in result.stderr
+    assert not output_dir.exists()

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..bids import InputError, collect_megre_series
+from ..bids import InputError, check_user_mask, collect_megre_series
 from .parser import build_parser
 
 logger = logging.getLogger('qsmprep')
@@ -65,10 +65,12 @@ def _configure_nipype(work_dir, verbosity, resource_monitor):
     nipype_logging.update_logging(config)
 
 
-def _crash_summary(crash_dir):
-    """One line per crashed node: the node and the last line of its traceback."""
+def _crash_summary(crash_dir, since):
+    """One line per node that crashed after ``since``: the node and the last line of its traceback."""
     lines = []
     for crash_file in sorted(Path(crash_dir).glob('crash-*.txt')):
+        if crash_file.stat().st_mtime < since:
+            continue
         text = crash_file.read_text().strip().splitlines()
         node = next((line.split(':', 1)[1].strip() for line in text if line.startswith('Node:')), crash_file.name)
         lines.append(f'  {node}: {text[-1].strip() if text else "?"} (report: {crash_file})')
@@ -97,9 +99,14 @@ def main(argv=None):
         print(f'qsmprep: error: {message} (this series is skipped)', file=sys.stderr)
     if not series_list:
         return _fail('no MEGRE series passed the checks; nothing was run.')
-    if args.mask is not None and len(series_list) > 1:
-        return _fail(f'{args.mask}: --mask serves one series, but {len(series_list)} were selected; select one '
-                     f'with --participant-label and --session-label.')
+    if args.mask is not None:
+        if len(series_list) > 1:
+            return _fail(f'{args.mask}: --mask serves one series, but {len(series_list)} were selected; select '
+                         f'one with --participant-label and --session-label.')
+        try:
+            check_user_mask(args.mask, series_list[0])
+        except InputError as error:
+            return _fail(str(error))
 
     _configure_nipype(args.work_dir, args.verbose, args.resource_monitor)
     from ..workflows.base import init_qsmprep_wf
@@ -125,7 +132,7 @@ def main(argv=None):
         write_settings(args, args.output_dir / 'logs' / f'qsmprep_{time.strftime("%Y%m%d-%H%M%S")}.toml')
     if failed:
         return _fail(f'some processing steps failed; the series they belong to have no derivatives:\n'
-                     f'{_crash_summary(args.work_dir / "crash")}')
+                     f'{_crash_summary(args.work_dir / "crash", started)}')
     print(f'qsmprep: {len(series_list)} series done in {time.time() - started:.0f} s; derivatives in '
           f'{args.output_dir}')
     return 1 if errors else 0

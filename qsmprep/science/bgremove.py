@@ -47,8 +47,9 @@ def vsharp(total_field_ppm, mask, voxel_size, radii_mm=None, threshold=0.05):
         newly_valid = fits_inside & ~valid
         high_passed[newly_valid] = convolve(field_spectrum, 1 - sphere)[newly_valid]
         valid |= fits_inside
-    largest = 1 - smv_kernel(fft_shape, voxel_size, radii_mm[0])
-    inverse = np.where(np.abs(largest) > threshold, 1 / np.where(largest == 0, 1, largest), 0).astype(np.float32)
+    largest_high_pass = 1 - smv_kernel(fft_shape, voxel_size, radii_mm[0])
+    usable = np.abs(largest_high_pass) > threshold
+    inverse = np.where(usable, 1 / np.where(usable, largest_high_pass, 1), 0).astype(np.float32)
     local_field = convolve(scipy.fft.rfftn(high_passed, s=fft_shape), inverse)
     return np.where(valid, local_field, 0).astype(np.float32), valid
 

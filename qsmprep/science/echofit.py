@@ -87,8 +87,8 @@ def reliable_field_mask(field_ppm, phase_offset, mask, voxel_size, echo_times, f
     A wrong 2 pi in the echo spacing shifts the fitted field by a wrap period and the fitted
     phase offset (the phase at TE = 0, smooth in space) by 2 pi TE1 / spacing. A voxel is
     dropped when its field is half a period off the median of its 5x5x5 neighbourhood, or when
-    its phase offset is more than pi / 3 off the local magnitude-free average of the offset
-    (Gaussian, ``smoothing_mm``), which still holds at the edge of the mask where few
+    its phase offset is more than pi / 3 off the local average of the offset (a Gaussian of
+    ``smoothing_mm`` over the mask), a test that still holds at the edge of the mask where few
     neighbours vote. A background removal that averages over spheres would otherwise smear
     their error over the brain.
     """
@@ -97,6 +97,7 @@ def reliable_field_mask(field_ppm, phase_offset, mask, voxel_size, echo_times, f
     outliers = field_deviation > wrap_period_ppm(echo_times, field_strength_t) / 2
     sigma = [smoothing_mm / d for d in voxel_size]
     unit_offset = np.where(mask, np.exp(1j * np.asarray(phase_offset, dtype=np.float32)), 0)
-    local_offset = ndimage.gaussian_filter(unit_offset.real, sigma) + 1j * ndimage.gaussian_filter(unit_offset.imag, sigma)
+    local_offset = (ndimage.gaussian_filter(unit_offset.real, sigma)
+                    + 1j * ndimage.gaussian_filter(unit_offset.imag, sigma))
     outliers |= np.abs(np.angle(unit_offset * np.conj(local_offset))) > np.pi / 3
     return mask & ~ndimage.binary_dilation(mask & outliers)
