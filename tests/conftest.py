@@ -3,6 +3,7 @@
 The 2 mm head is the smallest on which every stage still behaves as at 1 mm; the 3 mm BIDS
 dataset keeps the end-to-end runs of the real command line fast.
 """
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,3 +46,19 @@ def bids_dataset(tmp_path_factory):
     bids_dir = tmp_path_factory.mktemp('sim') / 'bids'
     simulate_dataset(bids_dir, voxel_size_mm=3.0, tilts_deg=(0.0, 18.0))
     return bids_dir
+
+
+def run_console_script(script, *args):
+    """Run one of qsmprep's console scripts as a user would; returns the completed process."""
+    executable = str(Path(sys.executable).with_name(script))
+    return subprocess.run([executable, *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope='session')
+def run_qsmprep():
+    return lambda *args: run_console_script('qsmprep', *args)
+
+
+@pytest.fixture(scope='session')
+def run_tool():
+    return lambda *args: run_console_script('qsmprep-tools', *args)

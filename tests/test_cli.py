@@ -1,8 +1,6 @@
 """The real ``qsmprep`` command line on a small simulated BIDS dataset."""
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,15 +10,10 @@ import pytest
 from benchmarks.evaluate import evaluate_subject
 
 SPEC = json.loads((Path(__file__).resolve().parents[1] / 'bids_spec' / 'derivatives.json').read_text())
-QSMPREP = str(Path(sys.executable).with_name('qsmprep'))
-
-
-def run_qsmprep(*args):
-    return subprocess.run([QSMPREP, *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope='module')
-def participant_run(bids_dataset, tmp_path_factory):
+def participant_run(bids_dataset, tmp_path_factory, run_qsmprep):
     root = tmp_path_factory.mktemp('run')
     output_dir, work_dir = root / 'out', root / 'work'
     result = run_qsmprep(bids_dataset, output_dir, 'participant', '-w', work_dir, '--nprocs', '2')
@@ -59,7 +52,7 @@ def test_chimap_matches_the_simulated_truth(participant_run, bids_dataset, label
     assert np.isclose(sidecar['B0Direction'][2], np.cos(np.deg2rad(18 if label == '02' else 0)), atol=1e-4)
 
 
-def test_rerun_with_the_same_work_dir_resumes(participant_run, bids_dataset):
+def test_rerun_with_the_same_work_dir_resumes(participant_run, bids_dataset, run_qsmprep):
     output_dir, work_dir = participant_run
     results = sorted(work_dir.glob('qsmprep_wf/series_sub_01_wf/field_to_chi_wf/invert/result_invert.pklz'))
     assert results
@@ -69,7 +62,7 @@ def test_rerun_with_the_same_work_dir_resumes(participant_run, bids_dataset):
     assert results[0].stat().st_mtime == before  # the inversion was not run again
 
 
-def test_missing_echo_time_stops_with_a_message_and_writes_no_map(bids_dataset, tmp_path):
+def test_missing_echo_time_stops_with_a_message_and_writes_no_map(bids_dataset, tmp_path, run_qsmprep):
     broken = tmp_path / 'bids'
     shutil.copytree(bids_dataset, broken)
     sidecar = broken / 'sub-01' / 'anat' / 'sub-01_echo-3_part-phase_MEGRE.json'
@@ -84,29 +77,29 @@ def test_missing_echo_time_stops_with_a_message_and_writes_no_map(bids_dataset, 
     assert not list(output_dir.rglob('*.nii*'))
 
 
-def test_not_a_bids_folder_is_one_clear_message(tmp_path):
+def test_not_a_bids_folder_is_one_clear_message(tmp_path, run_qsmprep):
     (tmp_path / 'data').mkdir()
     result = run_qsmprep(tmp_path / 'data', tmp_path / 'out', 'participant')
     assert result.returncode == 1
     assert 'dataset_description.json' in result.stderr and 'Traceback' not in result.stderr
 
 
-def test_unknown_participant_is_named(bids_dataset, tmp_path):
+def test_unknown_participant_is_named(bids_dataset, tmp_path, run_qsmprep):
     result = run_qsmprep(bids_dataset, tmp_path / 'out', 'participant', '--participant-label', '99')
     assert result.returncode == 1 and '99' in result.stderr and 'Traceback' not in result.stderr
 
 
-def test_group_level_is_not_implemented_yet(bids_dataset, tmp_path):
+def test_group_level_is_not_implemented_yet(bids_dataset, tmp_path, run_qsmprep):
     result = run_qsmprep(bids_dataset, tmp_path / 'out', 'group')
     assert result.returncode == 2 and 'not implemented yet' in result.stderr
 
 
-def test_version():
+def test_version(run_qsmprep):
     result = run_qsmprep('--version')
     assert result.returncode == 0 and result.stdout.startswith('qsmprep ')
 
 
-def test_a_user_mask_on_another_grid_is_refused_before_anything_runs(bids_dataset, tmp_path):
+def test_a_user_mask_on_another_grid_is_refused_before_anything_runs(bids_dataset, tmp_path, run_qsmprep):
     mask = tmp_path / 'mask.nii.gz'
     nib.Nifti1Image(np.ones((5, 5, 5), np.uint8), np.eye(4)).to_filename(mask)
     output_dir = tmp_path / 'out'

@@ -1,19 +1,10 @@
 """`qsmprep-tools` on plain NIfTI files of the simulated head."""
-import subprocess
-import sys
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 import pytest
 
 from qsmprep.science import metrics
 
-TOOLS = str(Path(sys.executable).with_name('qsmprep-tools'))
-
-
-def run_tool(*args):
-    return subprocess.run([TOOLS, *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope='module')
@@ -33,14 +24,14 @@ def load(path):
     return nib.load(path).get_fdata()
 
 
-def test_invert(files, head):
+def test_invert(files, head, run_tool):
     out = files['folder'] / 'chi.nii.gz'
     result = run_tool('invert', files['local_field'], '--mask', files['brain'], '--method', 'tkd', '-o', out)
     assert result.returncode == 0, result.stderr
     assert metrics.nrmse(load(out), head.chi, head.brain) < 75
 
 
-def test_bgremove(files, head):
+def test_bgremove(files, head, run_tool):
     out, out_mask = files['folder'] / 'local.nii.gz', files['folder'] / 'local_mask.nii.gz'
     result = run_tool('bgremove', files['total_field'], '--mask', files['brain'], '--method', 'vsharp', '-o', out,
                       '--out-mask', out_mask)
@@ -49,7 +40,7 @@ def test_bgremove(files, head):
     assert metrics.nrmse(load(out), head.megre['local_field'], valid) < 45
 
 
-def test_mask_r2star_and_unwrap(files, head):
+def test_mask_r2star_and_unwrap(files, head, run_tool):
     mask = files['folder'] / 'mask.nii.gz'
     assert run_tool('mask', files['magnitude'], '-o', mask).returncode == 0
     computed_mask = load(mask) > 0
@@ -70,7 +61,7 @@ def test_mask_r2star_and_unwrap(files, head):
     assert metrics.nrmse(field, head.megre['total_field'], computed_mask & head.brain) < 10
 
 
-def test_a_mask_on_another_grid_is_one_clear_message(files, tmp_path):
+def test_a_mask_on_another_grid_is_one_clear_message(files, tmp_path, run_tool):
     small = tmp_path / 'small_mask.nii.gz'
     nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)).to_filename(small)
     result = run_tool('invert', files['local_field'], '--mask', small, '-o', tmp_path / 'chi.nii.gz')
