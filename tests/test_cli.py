@@ -106,3 +106,17 @@ def test_a_user_mask_on_another_grid_is_refused_before_anything_runs(bids_datase
     result = run_qsmprep(bids_dataset, output_dir, 'participant', '--participant-label', '01', '--mask', mask)
     assert result.returncode == 1 and str(mask) in result.stderr and 'grid' in result.stderr
     assert not output_dir.exists()
+
+
+def test_phase_stored_with_the_opposite_sign_needs_phase_sign(bids_dataset, tmp_path, run_qsmprep):
+    flipped = tmp_path / 'bids'
+    shutil.copytree(bids_dataset, flipped, ignore=shutil.ignore_patterns('sub-02'))
+    for path in flipped.glob('sub-01/anat/*_part-phase_MEGRE.nii.gz'):
+        image = nib.load(path)
+        nib.Nifti1Image(-np.asanyarray(image.dataobj), image.affine, image.header).to_filename(path)
+    output_dir = tmp_path / 'out'
+    result = run_qsmprep(flipped, output_dir, 'participant', '-w', tmp_path / 'work', '--phase-sign', '-1')
+    assert result.returncode == 0, result.stderr
+    assert evaluate_subject(output_dir, flipped, '01')['chi_nrmse'] < 70
+    sidecar = json.loads((output_dir / 'sub-01' / 'anat' / 'sub-01_Chimap.json').read_text())
+    assert sidecar['PhaseSign'] == -1
