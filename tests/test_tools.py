@@ -31,13 +31,14 @@ def test_invert(files, head, run_tool):
     assert metrics.nrmse(load(out), head.chi, head.brain) < 75
 
 
-def test_bgremove(files, head, run_tool):
-    out, out_mask = files['folder'] / 'local.nii.gz', files['folder'] / 'local_mask.nii.gz'
-    result = run_tool('bgremove', files['total_field'], '--mask', files['brain'], '--method', 'vsharp', '-o', out,
+@pytest.mark.parametrize('method, threshold', [('vsharp', 45), ('pdf', 50)])
+def test_bgremove(files, head, run_tool, method, threshold):
+    out, out_mask = files['folder'] / f'local_{method}.nii.gz', files['folder'] / f'local_mask_{method}.nii.gz'
+    result = run_tool('bgremove', files['total_field'], '--mask', files['brain'], '--method', method, '-o', out,
                       '--out-mask', out_mask)
     assert result.returncode == 0, result.stderr
     valid = load(out_mask) > 0
-    assert metrics.nrmse(load(out), head.megre['local_field'], valid) < 45
+    assert metrics.nrmse(load(out), head.megre['local_field'], valid) < threshold
 
 
 def test_mask_r2star_and_unwrap(files, head, run_tool):

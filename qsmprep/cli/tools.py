@@ -77,7 +77,8 @@ def run_invert(args):
 def run_bgremove(args):
     field, image = _load(args.total_field, ndim=(3,))
     mask = _load_mask(args.mask, image, args.total_field)
-    local_field, valid = bgremove.remove_background(field, mask, voxel_size_from_affine(image.affine), args.method)
+    local_field, valid = bgremove.remove_background(field, mask, voxel_size_from_affine(image.affine),
+                                                    _b0_dir(args, image), args.method)
     _save(local_field, image, args.output)
     if args.out_mask:
         _save(valid, image, args.out_mask, np.uint8)
@@ -138,6 +139,8 @@ def build_parser():
     background.add_argument('total_field')
     background.add_argument('--mask', required=True)
     background.add_argument('--method', choices=bgremove.BGREMOVE_METHODS, default='vsharp')
+    background.add_argument('--b0-dir', nargs=3, type=float, metavar=('X', 'Y', 'Z'),
+                            help='B0 direction in voxel axes, for pdf (default: from the affine)')
     background.add_argument('-o', '--output', required=True)
     background.add_argument('--out-mask', help='where to write the mask on which the local field is valid')
     background.set_defaults(run=run_bgremove)

@@ -182,6 +182,7 @@ class FitTotalField(SimpleInterface):
 class _BackgroundInputSpec(_ThreadedInputSpec):
     total_field = File(exists=True, mandatory=True, desc='ppm')
     mask = File(exists=True, mandatory=True)
+    b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc='in voxel axes')
     method = traits.Enum(*bgremove.BGREMOVE_METHODS, usedefault=True)
 
 
@@ -199,7 +200,7 @@ class RemoveBackground(_ThreadedInterface):
         total_field, image = _load(self.inputs.total_field)
         mask = _load(self.inputs.mask, bool)[0]
         local_field, valid = bgremove.remove_background(total_field, mask, voxel_size_from_affine(image.affine),
-                                                        self.inputs.method)
+                                                        self.inputs.b0_dir, self.inputs.method)
         self._results['local_field'] = _save(local_field, image, 'local_field.nii')
         self._results['mask'] = _save(valid, image, 'local_field_mask.nii', np.uint8)
 

@@ -11,6 +11,7 @@ import scipy.fft
 
 from .echofit import weighted_line_fit
 from .masking import bounding_box, masked_median
+from .solvers import conjugate_gradient
 
 UNWRAP_METHODS = ('laplacian',)
 
@@ -82,23 +83,8 @@ def laplacian_unwrap(wrapped_phase, voxel_size, mask, iterations=200, tolerance=
 
     rhs = sum(_difference_adjoint(w * wrap(_forward_difference(phase, a)), a) / d ** 2
               for a, (w, d) in enumerate(zip(edge_weights, voxel_size)))
-    u = np.zeros_like(phase)
-    residual = rhs.astype(np.float32)
-    preconditioned = _neumann_poisson_solve(residual, voxel_size)
-    direction = preconditioned.copy()
-    rz = float(np.vdot(residual, preconditioned))
-    rhs_norm = max(float(np.linalg.norm(rhs)), 1e-12)
-    for _ in range(iterations):
-        a_direction = normal_operator(direction)
-        step = rz / max(float(np.vdot(direction, a_direction)), 1e-30)
-        u += step * direction
-        residual -= step * a_direction
-        if np.linalg.norm(residual) / rhs_norm < tolerance:
-            break
-        preconditioned = _neumann_poisson_solve(residual, voxel_size)
-        rz_next = float(np.vdot(residual, preconditioned))
-        direction = preconditioned + (rz_next / rz) * direction
-        rz = rz_next
+    u = conjugate_gradient(normal_operator, rhs, iterations, tolerance,
+                           precondition=lambda residual: _neumann_poisson_solve(residual, voxel_size))
     u = np.where(inside, u - u[inside].mean(), 0.0)
     result[box] = u
     return result

@@ -26,8 +26,9 @@ def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inver
     }
     field_steps = {'PhaseUnwrapping': unwrap, 'EchoCombination': 'magnitude^2-weighted linear fit of phase'}
     inversion_name, inversion_parameters = INVERSION_DESCRIPTIONS[inversion_method]
-    background = {'BackgroundFieldRemoval': bgremove_method,
-                  'BackgroundFieldRemovalRadiiMM': bgremove.default_radii_mm(series.voxel_size_mm)}
+    background = {'BackgroundFieldRemoval': bgremove_method}
+    if bgremove_method == 'vsharp':
+        background['BackgroundFieldRemovalRadiiMM'] = bgremove.default_radii_mm(series.voxel_size_mm)
     parameters = {
         'chimap': {'EstimationAlgorithm': inversion_name, **inversion_parameters, **field_steps, **background,
                    'Reference': 'mean over the brain mask'},
@@ -35,7 +36,8 @@ def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inver
         't2starmap': {'EstimationAlgorithm': '1/R2* of the mono-exponential fit'},
         'brain_mask': {'EstimationAlgorithm': ('user-supplied mask' if user_mask else
                                                'bias-corrected magnitude, Otsu threshold, erosion, largest component')
-                       + '; voxels a phase wrap off their neighbours removed; eroded by background field removal',
+                       + '; voxels a phase wrap off their neighbours removed'
+                       + ('; eroded by V-SHARP' if bgremove_method == 'vsharp' else ''),
                        'Type': 'Brain'},
         'total_field': {'EstimationAlgorithm': 'weighted linear fit of unwrapped phase', **field_steps},
         'local_field': {'EstimationAlgorithm': bgremove_method, **field_steps, **background},

@@ -59,9 +59,10 @@ def init_field_to_chi_wf(*, b0_dir, bgremove='vsharp', inversion_method=inversio
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=['total_field', 'mask', 'magnitude']), name='inputnode')
     outputnode = pe.Node(niu.IdentityInterface(fields=['chi', 'local_field', 'mask']), name='outputnode')
-    remove_background = pe.Node(RemoveBackground(method=bgremove, num_threads=omp_nthreads),
+    b0_dir = [float(v) for v in b0_dir]
+    remove_background = pe.Node(RemoveBackground(method=bgremove, b0_dir=b0_dir, num_threads=omp_nthreads),
                                 name='remove_background', n_procs=omp_nthreads)
-    invert = pe.Node(Invert(method=inversion_method, b0_dir=[float(v) for v in b0_dir], num_threads=omp_nthreads),
+    invert = pe.Node(Invert(method=inversion_method, b0_dir=b0_dir, num_threads=omp_nthreads),
                      name='invert', n_procs=omp_nthreads)
     workflow.connect([
         (inputnode, remove_background, [('total_field', 'total_field'), ('mask', 'mask')]),
