@@ -11,8 +11,8 @@ import scipy.fft
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject, SimpleInterface,
                                     TraitedSpec, isdefined, traits)
 
-from ..science import bgremove, echofit, inversion, masking, unwrap
 from ..nifti import save_like
+from ..science import bgremove, echofit, inversion, masking, unwrap
 from ..science.physics import voxel_size_from_affine
 
 
@@ -115,7 +115,7 @@ class BrainMask(SimpleInterface):
         if isdefined(self.inputs.user_mask):
             mask = _load(self.inputs.user_mask)[0] > 0
         else:
-            combined = masking.combined_magnitude(magnitude if magnitude.ndim == 4 else magnitude[..., None])
+            combined = masking.combined_magnitude(magnitude) if magnitude.ndim == 4 else magnitude
             mask = masking.brain_mask(combined, voxel_size_from_affine(image.affine))
         self._results['mask'] = _save(mask, reference, 'brain_mask.nii', np.uint8)
         return runtime
