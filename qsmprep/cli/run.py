@@ -123,11 +123,16 @@ def main(argv=None):
     plugin, plugin_args = ('MultiProc', {'n_procs': args.nprocs}) if args.nprocs > 1 else ('Linear', {})
     started = time.time()
     failed = False
+    # Nipype's resource monitor writes its logs into the current folder: keep them in the work
+    # directory (every path handed to the workflow is absolute).
+    launch_dir = os.getcwd()
+    os.chdir(args.work_dir)
     try:
         qsmprep_wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError:
         failed = True
     finally:
+        os.chdir(launch_dir)
         write_dataset_description(args.output_dir, args.bids_dir)
         write_settings(args, args.output_dir / 'logs' / f'qsmprep_{time.strftime("%Y%m%d-%H%M%S")}.toml')
     if failed:
