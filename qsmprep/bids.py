@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .nifti import on_same_grid
 from .science.physics import b0_direction_from_affine, voxel_size_from_affine
 
 # Stored integer ranges of "arbitrary"-unit phase, by Manufacturer (CONVENTIONS.md).
@@ -256,7 +257,7 @@ def check_user_mask(mask_path, series):
     """Raise ``InputError`` unless the user's mask is a non-empty 3-D image on the series' grid."""
     mask = nib.load(str(mask_path))
     reference = nib.load(series.magnitude_files[0])
-    if mask.shape != reference.shape or not np.allclose(mask.affine, reference.affine, atol=1e-3):
+    if mask.ndim != 3 or not on_same_grid(mask, reference):
         raise InputError(f'{mask_path}: the mask is not on the grid of {series.magnitude_files[0]} (shape '
                          f'{mask.shape} vs {reference.shape}); resample it onto the MEGRE grid.')
     if not np.any(np.asanyarray(mask.dataobj)):

@@ -1,8 +1,13 @@
-"""Writing arrays as NIfTI on the grid of a reference image."""
+"""NIfTI grids: checking that two images share one, and writing arrays on a reference's."""
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+
+def on_same_grid(image, reference, atol=1e-3):
+    """Whether ``image`` has the spatial shape and affine of ``reference`` (nibabel images)."""
+    return image.shape[:3] == reference.shape[:3] and np.allclose(image.affine, reference.affine, atol=atol)
 
 
 def save_like(array, reference, path, dtype=np.float32):

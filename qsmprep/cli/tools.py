@@ -11,7 +11,7 @@ import numpy as np
 import scipy.fft
 
 from .. import __version__
-from ..nifti import save_like
+from ..nifti import on_same_grid, save_like
 from ..science import bgremove, echofit, inversion, masking, unwrap
 from ..science.physics import b0_direction_from_affine, voxel_size_from_affine
 
@@ -35,7 +35,7 @@ def _load(path, ndim=None):
 
 def _load_mask(path, reference_image, reference_path):
     mask, image = _load(path, ndim=(3,))
-    if mask.shape != reference_image.shape[:3] or not np.allclose(image.affine, reference_image.affine, atol=1e-3):
+    if not on_same_grid(image, reference_image):
         raise ToolError(f'{path}: the mask is not on the grid of {reference_path}; resample it first.')
     return mask > 0
 

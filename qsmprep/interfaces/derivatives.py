@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File, SimpleInterface, TraitedSpec, traits
 
-from ..nifti import save_like
+from ..nifti import on_same_grid, save_like
 
 # output key: (file name ending after the entities, Units, what the map is)
 OUTPUTS = {
@@ -64,7 +64,7 @@ class DerivativesSink(SimpleInterface):
         staged = []
         for key, (ending, units, description) in OUTPUTS.items():
             image = nib.load(getattr(self.inputs, key))
-            if image.shape[:3] != reference.shape[:3] or not np.allclose(image.affine, reference.affine, atol=1e-4):
+            if not on_same_grid(image, reference, atol=1e-4):
                 raise RuntimeError(f'{key} is not on the input grid of {self.inputs.reference_file}')
             target = derivative_path(self.inputs.output_dir, self.inputs.prefix, self.inputs.subject,
                                      self.inputs.session, ending)
