@@ -7,27 +7,73 @@ def _magnitude(head):
     return masking.combined_magnitude(head.megre['magnitude'])
 
 
+def _noisy(field, mask, relative_noise, seed=1):
+    rms = np.sqrt(np.mean(field[mask] ** 2))
+    return field + relative_noise * rms * np.random.default_rng(seed).standard_normal(field.shape).astype(np.float32)
+
+
 def test_tv_from_the_true_local_field_matches_the_true_susceptibility(head):
-    chi = inversion.tv_admm(head.megre['local_field'], head.brain, head.voxel_size, [0, 0, 1],
-                            magnitude=_magnitude(head))
-    assert metrics.nrmse(chi, head.chi, head.brain) < 35
-    assert metrics.xsim(chi, head.chi, head.brain) > 0.5
+    chi, lam = inversion.tv_admm(head.megre['local_field'], head.brain, head.voxel_size, [0, 0, 1],
+                                 magnitude=_magnitude(head))
+    assert metrics.nrmse(chi, head.chi, head.brain) < 26
+    assert metrics.xsim(chi, head.chi, head.brain) > 0.6
+    assert lam == inversion.TV_TO_L2_WEIGHT * inversion.l2_gradient(
+        head.megre['local_field'], head.brain, head.voxel_size, [0, 0, 1])[1]
 
 
-def test_tkd_from_the_true_local_field_is_worse_than_tv_but_close(head):
-    chi = inversion.tkd(head.megre['local_field'], head.brain, head.voxel_size, [0, 0, 1])
-    assert metrics.nrmse(chi, head.chi, head.brain) < 75
+def test_gcv_weight_follows_the_noise_and_lands_near_the_best_l2(head):
+    results = {}
+    for noise in (0.0, 0.3):
+        field = _noisy(head.megre['local_field'], head.brain, noise)
+        chi, lam = inversion.l2_gradient(field, head.brain, head.voxel_size, [0, 0, 1])
+        best = min(metrics.nrmse(inversion.l2_gradient(field, head.brain, head.voxel_size, [0, 0, 1], lam=w)[0],
+                                 head.chi, head.brain) for w in np.logspace(-3.5, -0.5, 7))
+        results[noise] = lam, metrics.nrmse(chi, head.chi, head.brain), best
+    assert results[0.3][0] > 3 * results[0.0][0]
+    for lam, score, best in results.values():
+        assert score < best + 2
+    assert results[0.0][1] < 40
+
+
+def test_nonlinear_tv_matches_the_true_susceptibility(head):
+    scale = inversion.phase_scale_rad_per_ppm([0.004, 0.028], 3.0)
+    field = _noisy(head.megre['local_field'], head.brain, 0.1)
+    chi, _ = inversion.invert(field, head.brain, head.voxel_size, [0, 0, 1], method='nltv',
+                              magnitude=_magnitude(head), phase_scale_rad_per_ppm=scale)
+    linear, _ = inversion.invert(field, head.brain, head.voxel_size, [0, 0, 1], method='tv',
+                                 magnitude=_magnitude(head))
+    assert metrics.nrmse(chi, head.chi, head.brain) < 32
+    assert abs(metrics.nrmse(chi, head.chi, head.brain) - metrics.nrmse(linear, head.chi, head.brain)) < 3
+
+
+def test_tkd_and_l2_from_the_true_local_field(head):
+    chi, parameters = inversion.invert(head.megre['local_field'], head.brain, head.voxel_size, [0, 0, 1],
+                                       method='tkd')
+    assert metrics.nrmse(chi, head.chi, head.brain) < 75 and parameters == {'TKDThreshold': inversion.TKD_THRESHOLD}
+    chi, parameters = inversion.invert(head.megre['local_field'], head.brain, head.voxel_size, [0, 0, 1],
+                                       method='l2')
+    assert metrics.nrmse(chi, head.chi, head.brain) < 40 and parameters['RegularizationWeight'] > 0
 
 
 def test_oblique_b0_must_be_taken_from_the_affine(tilted_head):
     head = tilted_head
     b0_dir = np.array([0, np.sin(np.deg2rad(18)), np.cos(np.deg2rad(18))])
-    chi = inversion.tv_admm(head.megre['local_field'], head.brain, head.voxel_size, b0_dir,
-                            magnitude=_magnitude(head))
-    assert metrics.nrmse(chi, head.chi, head.brain) < 35
-    ignoring_b0 = inversion.tv_admm(head.megre['local_field'], head.brain, head.voxel_size, [0, 0, 1],
-                                    magnitude=_magnitude(head))
-    assert metrics.nrmse(ignoring_b0, head.chi, head.brain) > 35
+    chi, _ = inversion.tv_admm(head.megre['local_field'], head.brain, head.voxel_size, b0_dir,
+                               magnitude=_magnitude(head))
+    assert metrics.nrmse(chi, head.chi, head.brain) < 32
+    ignoring_b0, _ = inversion.tv_admm(head.megre['local_field'], head.brain, head.voxel_size, [0, 0, 1],
+                                       magnitude=_magnitude(head))
+    assert metrics.nrmse(ignoring_b0, head.chi, head.brain) > 40
+
+
+def test_detrended_nrmse_forgives_a_global_scale_but_not_noise():
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((10, 10, 10))
+    mask = np.ones(reference.shape, dtype=bool)
+    assert metrics.dnrmse(0.5 * reference + 3, reference, mask) < 1e-6
+    assert metrics.nrmse(0.5 * reference, reference, mask) > 49
+    noisy = reference + 0.5 * rng.standard_normal(reference.shape)
+    assert 35 < metrics.dnrmse(noisy, reference, mask) < metrics.nrmse(noisy, reference, mask)
 
 
 def test_referencing_makes_the_mask_mean_zero():

@@ -56,7 +56,7 @@ def build_parser():
                              'the one computed from the magnitude')
 
     methods = parser.add_argument_group('methods')
-    methods.add_argument('--unwrap', choices=unwrap.UNWRAP_METHODS, default='laplacian')
+    methods.add_argument('--unwrap', choices=unwrap.UNWRAP_METHODS, default=unwrap.DEFAULT_UNWRAP)
     methods.add_argument('--bgremove', choices=bgremove.BGREMOVE_METHODS, default='vsharp')
     methods.add_argument('--inversion', choices=inversion.INVERSION_METHODS, default=inversion.DEFAULT_INVERSION)
 

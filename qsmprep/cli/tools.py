@@ -69,8 +69,17 @@ def run_invert(args):
     if args.magnitude:
         magnitude, _ = _load(args.magnitude, ndim=(3, 4))
         magnitude = masking.combined_magnitude(magnitude) if magnitude.ndim == 4 else magnitude
-    chi = inversion.invert(field, mask, voxel_size_from_affine(image.affine), _b0_dir(args, image),
-                           method=args.method, magnitude=magnitude)
+    options = {}
+    if args.method == 'nltv':
+        if not args.echo_times or args.field_strength is None:
+            raise ToolError('--method nltv: give --echo-times (seconds) and --field-strength (tesla); the '
+                            'nonlinear data term needs the field as phase.')
+        options['phase_scale_rad_per_ppm'] = inversion.phase_scale_rad_per_ppm(
+            _echo_times(args, len(args.echo_times), args.local_field), args.field_strength)
+    chi, parameters = inversion.invert(field, mask, voxel_size_from_affine(image.affine), _b0_dir(args, image),
+                                       method=args.method, magnitude=magnitude, **options)
+    for key, value in parameters.items():
+        print(f'{key}: {value:.4g}')
     _save(inversion.reference_to_mask_mean(chi, mask), image, args.output)
 
 
@@ -132,6 +141,9 @@ def build_parser():
     invert.add_argument('--magnitude', help='magnitude for the data weighting (3-D, or 4-D combined over echoes)')
     invert.add_argument('--b0-dir', nargs=3, type=float, metavar=('X', 'Y', 'Z'),
                         help='B0 direction in voxel axes (default: from the affine)')
+    invert.add_argument('--echo-times', nargs='+', type=float, default=[], metavar='SECONDS',
+                        help='for nltv: the echo times the field was fitted from')
+    invert.add_argument('--field-strength', type=float, metavar='TESLA', help='for nltv')
     invert.add_argument('-o', '--output', required=True)
     invert.set_defaults(run=run_invert)
 
@@ -148,7 +160,7 @@ def build_parser():
     unwrap_command = commands.add_parser('unwrap', help='wrapped phase (rad, 3-D or 4-D) to unwrapped phase')
     unwrap_command.add_argument('phase')
     unwrap_command.add_argument('--mask', required=True)
-    unwrap_command.add_argument('--method', choices=unwrap.UNWRAP_METHODS, default='laplacian')
+    unwrap_command.add_argument('--method', choices=unwrap.UNWRAP_METHODS, default=unwrap.DEFAULT_UNWRAP)
     unwrap_command.add_argument('--magnitude', help='4-D magnitude, for multi-echo phase')
     unwrap_command.add_argument('--echo-times', nargs='+', type=float, default=[], metavar='SECONDS')
     unwrap_command.add_argument('-o', '--output', required=True)

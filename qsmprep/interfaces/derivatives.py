@@ -10,7 +10,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, SimpleInterface, TraitedSpec,
+                                    isdefined, traits)
 
 from ..nifti import on_same_grid, save_like
 
@@ -42,6 +43,7 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     reference_file = File(exists=True, mandatory=True, desc='an input image; outputs must share its grid')
     metadata = traits.Dict(mandatory=True, desc='sidecar keys common to every output')
     parameters = traits.Dict(mandatory=True, desc='per output key: extra sidecar keys')
+    chimap_parameters = traits.Dict(desc='sidecar keys the inversion chose for this series (its weight)')
     chimap = File(exists=True, mandatory=True)
     r2starmap = File(exists=True, mandatory=True)
     t2starmap = File(exists=True, mandatory=True)
@@ -74,6 +76,8 @@ class DerivativesSink(SimpleInterface):
                       np.uint8 if key == 'brain_mask' else np.float32)
             sidecar = {'Units': units, 'Description': description, **self.inputs.metadata,
                        **self.inputs.parameters.get(key, {})}
+            if key == 'chimap' and isdefined(self.inputs.chimap_parameters):
+                sidecar.update(self.inputs.chimap_parameters)
             sidecar_path = Path(str(target).replace('.nii.gz', '.json'))
             temporary_sidecar = sidecar_path.with_name('.' + sidecar_path.name)
             temporary_sidecar.write_text(json.dumps(sidecar, indent=2) + '\n')

@@ -211,10 +211,13 @@ class _InvertInputSpec(_ThreadedInputSpec):
     magnitude = File(exists=True, desc='magnitude weighting (4-D: combined over echoes)')
     b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc='in voxel axes')
     method = traits.Enum(*inversion.INVERSION_METHODS, usedefault=True)
+    echo_times = traits.List(traits.Float, desc='seconds; nltv expresses the field as phase at their mean')
+    field_strength = traits.Float(desc='tesla; needed by nltv')
 
 
 class _InvertOutputSpec(TraitedSpec):
     chi = File(exists=True, desc='susceptibility in ppm, referenced to the mask mean')
+    parameters = traits.Dict(desc='what the method chose for this dataset (sidecar keys)')
 
 
 class Invert(_ThreadedInterface):
@@ -230,7 +233,13 @@ class Invert(_ThreadedInterface):
             magnitude = _load(self.inputs.magnitude)[0]
             if magnitude.ndim == 4:
                 magnitude = masking.combined_magnitude(magnitude)
-        chi = inversion.invert(local_field, mask, voxel_size_from_affine(image.affine), self.inputs.b0_dir,
-                               method=self.inputs.method, magnitude=magnitude)
+        options = {}
+        if self.inputs.method == 'nltv':
+            options['phase_scale_rad_per_ppm'] = inversion.phase_scale_rad_per_ppm(
+                self.inputs.echo_times, self.inputs.field_strength)
+        chi, parameters = inversion.invert(local_field, mask, voxel_size_from_affine(image.affine),
+                                           self.inputs.b0_dir, method=self.inputs.method, magnitude=magnitude,
+                                           **options)
         chi = inversion.reference_to_mask_mean(chi, mask)
         self._results['chi'] = _save(chi, image, 'chi.nii')
+        self._results['parameters'] = parameters

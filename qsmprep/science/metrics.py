@@ -19,6 +19,21 @@ def nrmse(estimate, reference, mask):
     return float(100 * np.linalg.norm(x - y) / np.linalg.norm(y))
 
 
+def dnrmse(estimate, reference, mask):
+    """NRMSE after the best linear rescaling of ``estimate`` (QSM challenge 2.0's detrended NRMSE).
+
+    The reference is regressed on the estimate by least squares over ``mask`` (slope and
+    offset), so that a map that is right up to a global scale scores its structural error only.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    x = np.asarray(estimate, dtype=np.float64)[mask]
+    y = np.asarray(reference, dtype=np.float64)[mask]
+    slope, offset = np.polyfit(x, y, 1)
+    y = y - y.mean()
+    fitted = slope * x + offset
+    return float(100 * np.linalg.norm(fitted - fitted.mean() - y) / np.linalg.norm(y))
+
+
 def hfen(estimate, reference, mask, sigma_voxels=1.5):
     """NRMSE of the Laplacian-of-Gaussian filtered images (percent)."""
     mask = np.asarray(mask, dtype=bool)

@@ -4,11 +4,21 @@ from nipype.pipeline import engine as pe
 from .. import __version__
 from ..bids import bids_uri
 from ..science import bgremove, inversion
+from ..science.unwrap import DEFAULT_UNWRAP
 from .qsm import init_series_wf
 
+# The regularisation weight each series gets is added to its Chimap sidecar when it is chosen.
+_WEIGHT_RULE = {'RegularizationWeightRule': f'{inversion.TV_TO_L2_WEIGHT} x the GCV weight of closed-form L2, '
+                                            'relative to the local field scaled to unit RMS in the mask'}
 INVERSION_DESCRIPTIONS = {
     'tv': ('magnitude-weighted total variation, ADMM (linear FANSI form)',
-           {'RegularizationWeight': inversion.TV_LAMBDA, 'MaxIterations': inversion.TV_ITERATIONS}),
+           {**_WEIGHT_RULE, 'MaxIterations': inversion.TV_ITERATIONS}),
+    'nltv': ('magnitude-weighted total variation with a nonlinear (complex exponential) data term, ADMM',
+             {**_WEIGHT_RULE, 'MaxIterations': inversion.TV_ITERATIONS,
+              'DataTermPhase': 'field as phase at the mean echo time'}),
+    'l2': ('closed-form L2 with a gradient penalty',
+           {'RegularizationWeightRule': 'generalised cross-validation, relative to the local field scaled to unit '
+                                        'RMS in the mask'}),
     'tkd': ('truncated k-space division', {'Threshold': inversion.TKD_THRESHOLD}),
 }
 
@@ -45,7 +55,7 @@ def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inver
     return metadata, parameters
 
 
-def init_qsmprep_wf(*, series_list, bids_dir, output_dir, work_dir, phase_sign=1, unwrap='laplacian',
+def init_qsmprep_wf(*, series_list, bids_dir, output_dir, work_dir, phase_sign=1, unwrap=DEFAULT_UNWRAP,
                     bgremove_method='vsharp', inversion_method=inversion.DEFAULT_INVERSION, user_mask=None,
                     omp_nthreads=1, name='qsmprep_wf'):
     """Every selected MEGRE series, each in its own ``series_wf`` named after its entities.

@@ -6,9 +6,10 @@ from ..interfaces.derivatives import DerivativesSink
 from ..interfaces.qsm import (BrainMask, FitR2star, FitTotalField, Invert, LoadMEGRE, RemoveBackground,
                               UnwrapPhase)
 from ..science import inversion
+from ..science.unwrap import DEFAULT_UNWRAP
 
 
-def init_megre_wf(*, series, phase_sign=1, unwrap='laplacian', user_mask=None, omp_nthreads=1,
+def init_megre_wf(*, series, phase_sign=1, unwrap=DEFAULT_UNWRAP, user_mask=None, omp_nthreads=1,
                   name='megre_wf'):
     """Multi-echo GRE to total field (ppm), R2*, T2* and a brain mask.
 
@@ -47,34 +48,37 @@ def init_megre_wf(*, series, phase_sign=1, unwrap='laplacian', user_mask=None, o
     return workflow
 
 
-def init_field_to_chi_wf(*, b0_dir, bgremove='vsharp', inversion_method=inversion.DEFAULT_INVERSION,
-                         omp_nthreads=1, name='field_to_chi_wf'):
+def init_field_to_chi_wf(*, b0_dir, echo_times, field_strength, bgremove='vsharp',
+                         inversion_method=inversion.DEFAULT_INVERSION, omp_nthreads=1, name='field_to_chi_wf'):
     """Total field (ppm) to referenced susceptibility (ppm): background removal, then inversion.
 
     Inputs (``inputnode``): total_field, mask, magnitude.
-    Outputs (``outputnode``): chi, local_field, mask (where the local field is valid).
+    Outputs (``outputnode``): chi, chi_parameters (what the inversion chose), local_field,
+    mask (where the local field is valid).
 
-    >>> wf = init_field_to_chi_wf(b0_dir=[0, 0, 1])  # doctest: +SKIP
+    >>> wf = init_field_to_chi_wf(b0_dir=[0, 0, 1], echo_times=[0.004, 0.01], field_strength=3.0)  # doctest: +SKIP
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=['total_field', 'mask', 'magnitude']), name='inputnode')
-    outputnode = pe.Node(niu.IdentityInterface(fields=['chi', 'local_field', 'mask']), name='outputnode')
+    outputnode = pe.Node(niu.IdentityInterface(fields=['chi', 'chi_parameters', 'local_field', 'mask']),
+                         name='outputnode')
     b0_dir = [float(v) for v in b0_dir]
     remove_background = pe.Node(RemoveBackground(method=bgremove, b0_dir=b0_dir, num_threads=omp_nthreads),
                                 name='remove_background', n_procs=omp_nthreads)
-    invert = pe.Node(Invert(method=inversion_method, b0_dir=b0_dir, num_threads=omp_nthreads),
+    invert = pe.Node(Invert(method=inversion_method, b0_dir=b0_dir, echo_times=list(echo_times),
+                            field_strength=field_strength, num_threads=omp_nthreads),
                      name='invert', n_procs=omp_nthreads)
     workflow.connect([
         (inputnode, remove_background, [('total_field', 'total_field'), ('mask', 'mask')]),
         (remove_background, invert, [('local_field', 'local_field'), ('mask', 'mask')]),
         (inputnode, invert, [('magnitude', 'magnitude')]),
-        (invert, outputnode, [('chi', 'chi')]),
+        (invert, outputnode, [('chi', 'chi'), ('parameters', 'chi_parameters')]),
         (remove_background, outputnode, [('local_field', 'local_field'), ('mask', 'mask')]),
     ])
     return workflow
 
 
-def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, unwrap='laplacian',
+def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, unwrap=DEFAULT_UNWRAP,
                    bgremove='vsharp', inversion_method=inversion.DEFAULT_INVERSION, user_mask=None,
                    omp_nthreads=1, name='series_wf'):
     """One MEGRE series from raw echoes to written derivatives.
@@ -85,7 +89,8 @@ def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, un
     workflow = pe.Workflow(name=name)
     megre_wf = init_megre_wf(series=series, phase_sign=phase_sign, unwrap=unwrap, user_mask=user_mask,
                              omp_nthreads=omp_nthreads)
-    field_to_chi_wf = init_field_to_chi_wf(b0_dir=series.b0_dir, bgremove=bgremove,
+    field_to_chi_wf = init_field_to_chi_wf(b0_dir=series.b0_dir, echo_times=series.echo_times_s,
+                                           field_strength=series.field_strength_t, bgremove=bgremove,
                                            inversion_method=inversion_method, omp_nthreads=omp_nthreads)
     derivatives_sink = pe.Node(
         DerivativesSink(output_dir=str(output_dir), prefix=series.name, subject=series.entities['subject'],
@@ -98,7 +103,9 @@ def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, un
                                      ('outputnode.magnitude', 'inputnode.magnitude')]),
         (megre_wf, derivatives_sink, [('outputnode.r2star', 'r2starmap'), ('outputnode.t2star', 't2starmap'),
                                       ('outputnode.total_field', 'total_field')]),
-        (field_to_chi_wf, derivatives_sink, [('outputnode.chi', 'chimap'), ('outputnode.local_field', 'local_field'),
+        (field_to_chi_wf, derivatives_sink, [('outputnode.chi', 'chimap'),
+                                             ('outputnode.chi_parameters', 'chimap_parameters'),
+                                             ('outputnode.local_field', 'local_field'),
                                              ('outputnode.mask', 'brain_mask')]),
     ])
     return workflow
