@@ -49,7 +49,24 @@ def test_chimap_matches_the_simulated_truth(participant_run, bids_dataset, label
     assert scores['chi_nrmse'] < 70
     sidecar = json.loads((output_dir / f'sub-{label}' / 'anat' / f'sub-{label}_Chimap.json').read_text())
     assert sidecar['B0DirectionSource'] == 'image affine'
+    assert sidecar['RegularizationWeight'] > 0  # chosen for this series by the GCV rule
     assert np.isclose(sidecar['B0Direction'][2], np.cos(np.deg2rad(18 if label == '02' else 0)), atol=1e-4)
+
+
+def test_chi_separation_is_consistent_with_the_chimap(participant_run):
+    output_dir, _ = participant_run
+    anat = output_dir / 'sub-01' / 'anat'
+
+    def image(name):
+        return np.asanyarray(nib.load(anat / f'sub-01_{name}.nii.gz').dataobj)
+
+    mask = image('desc-brain_mask') > 0
+    paramagnetic, diamagnetic = image('desc-paramagnetic_Chimap'), image('desc-diamagnetic_Chimap')
+    assert paramagnetic.min() >= 0 and diamagnetic.min() >= 0
+    difference = (paramagnetic - diamagnetic)[mask]
+    assert np.corrcoef(difference, image('Chimap')[mask])[0, 1] > 0.8
+    sidecar = json.loads((anat / 'sub-01_desc-paramagnetic_Chimap.json').read_text())
+    assert sidecar['RelaxometricConstant'] == 114.0 and 'R2PrimeAssumption' in sidecar
 
 
 def test_rerun_with_the_same_work_dir_resumes(participant_run, bids_dataset, run_qsmprep):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..science import bgremove, inversion, unwrap
+from ..science.masking import MASKING_METHODS
 
 
 def _path_exists(value):
@@ -59,6 +60,11 @@ def build_parser():
     methods.add_argument('--unwrap', choices=unwrap.UNWRAP_METHODS, default=unwrap.DEFAULT_UNWRAP)
     methods.add_argument('--bgremove', choices=bgremove.BGREMOVE_METHODS, default='vsharp')
     methods.add_argument('--inversion', choices=inversion.INVERSION_METHODS, default=inversion.DEFAULT_INVERSION)
+    methods.add_argument('--masking', choices=MASKING_METHODS, default='two-pass',
+                         help='two-pass (default): also drop voxels whose phase is a wrap off their neighbours, '
+                              'so their streaks do not spread; magnitude: the magnitude mask alone')
+    methods.add_argument('--no-chi-separation', dest='chi_separation', action='store_false',
+                         help='skip the paramagnetic/diamagnetic separation (desc-paramagnetic/diamagnetic_Chimap)')
 
     resources = parser.add_argument_group('resources')
     resources.add_argument('-w', '--work-dir', type=lambda p: Path(p).expanduser().absolute(),

@@ -116,6 +116,7 @@ def main(argv=None):
         series_list=series_list, bids_dir=args.bids_dir, output_dir=args.output_dir, work_dir=args.work_dir,
         phase_sign=args.phase_sign, unwrap=args.unwrap, bgremove_method=args.bgremove,
         inversion_method=args.inversion, user_mask=str(args.mask) if args.mask else None,
+        masking=args.masking, chi_separation=args.chi_separation,
         omp_nthreads=omp_nthreads)
     for series in series_list:
         logger.info('%s: %d echoes, %.1f T, B0 direction %s (from %s)', series.name, len(series.echo_times_s),

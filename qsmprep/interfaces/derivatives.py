@@ -23,7 +23,14 @@ OUTPUTS = {
     'brain_mask': ('desc-brain_mask', 'arbitrary', 'brain mask on which the Chimap is valid'),
     'total_field': ('desc-total_fieldmap', 'ppm', 'total field from the multi-echo fit'),
     'local_field': ('desc-local_fieldmap', 'ppm', 'local field after background removal'),
+    'field_noise': ('desc-noise_fieldmap', 'ppm', 'standard deviation of the total field, from the residual '
+                    'of the complex multi-echo fit'),
+    'chimap_paramagnetic': ('desc-paramagnetic_Chimap', 'ppm', 'paramagnetic susceptibility chi+ (>= 0)'),
+    'chimap_diamagnetic': ('desc-diamagnetic_Chimap', 'ppm',
+                           'diamagnetic susceptibility chi-, stored as a non-negative magnitude'),
 }
+# Written only when the workflow computes them.
+OPTIONAL_OUTPUTS = ('field_noise', 'chimap_paramagnetic', 'chimap_diamagnetic')
 BIDSIGNORE = '*_fieldmap.nii.gz\n*_fieldmap.json\n'
 
 
@@ -50,6 +57,9 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     brain_mask = File(exists=True, mandatory=True)
     total_field = File(exists=True, mandatory=True)
     local_field = File(exists=True, mandatory=True)
+    field_noise = File(exists=True)
+    chimap_paramagnetic = File(exists=True)
+    chimap_diamagnetic = File(exists=True)
 
 
 class _SinkOutputSpec(TraitedSpec):
@@ -65,6 +75,8 @@ class DerivativesSink(SimpleInterface):
         reference = nib.load(self.inputs.reference_file)
         staged = []
         for key, (ending, units, description) in OUTPUTS.items():
+            if key in OPTIONAL_OUTPUTS and not isdefined(getattr(self.inputs, key)):
+                continue
             image = nib.load(getattr(self.inputs, key))
             if not on_same_grid(image, reference, atol=1e-4):
                 raise RuntimeError(f'{key} is not on the input grid of {self.inputs.reference_file}')

@@ -12,7 +12,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObje
                                     TraitedSpec, isdefined, traits)
 
 from ..nifti import save_like
-from ..science import bgremove, echofit, inversion, masking, unwrap
+from ..science import bgremove, chisep, echofit, inversion, masking, unwrap
 from ..science.physics import voxel_size_from_affine
 
 
@@ -158,10 +158,11 @@ class _TotalFieldInputSpec(BaseInterfaceInputSpec):
 class _TotalFieldOutputSpec(TraitedSpec):
     total_field = File(exists=True, desc='ppm')
     reliable_mask = File(exists=True, desc='the mask without voxels a wrap away from their neighbours')
+    field_noise = File(desc='standard deviation of the field (ppm) from the fit residual; 3 echoes or more')
 
 
 class FitTotalField(SimpleInterface):
-    """Total field (ppm) from a weighted linear fit of unwrapped phase against echo time."""
+    """Total field (ppm) from the multi-echo phase: the complex fit from 3 echoes, else a line fit."""
     input_spec = _TotalFieldInputSpec
     output_spec = _TotalFieldOutputSpec
 
@@ -169,13 +170,16 @@ class FitTotalField(SimpleInterface):
         phase, image = _load(self.inputs.unwrapped_phase)
         magnitude = _load(self.inputs.magnitude)[0]
         mask = _load(self.inputs.mask, bool)[0]
-        field_ppm, phase_offset = echofit.fit_total_field(phase, magnitude, self.inputs.echo_times,
-                                                          self.inputs.field_strength, mask)
+        with_noise = len(self.inputs.echo_times) >= echofit.COMPLEX_FIT_MIN_ECHOES
+        field_ppm, phase_offset, *noise = echofit.fit_total_field(
+            phase, magnitude, self.inputs.echo_times, self.inputs.field_strength, mask, return_noise=with_noise)
         reliable = echofit.reliable_field_mask(field_ppm, phase_offset, mask, voxel_size_from_affine(image.affine),
                                                self.inputs.echo_times, self.inputs.field_strength)
         reference = image.slicer[..., 0]
         self._results['total_field'] = _save(field_ppm, reference, 'total_field.nii')
         self._results['reliable_mask'] = _save(reliable, reference, 'reliable_mask.nii', np.uint8)
+        if noise:
+            self._results['field_noise'] = _save(noise[0], reference, 'field_noise.nii')
         return runtime
 
 
@@ -243,3 +247,40 @@ class Invert(_ThreadedInterface):
         chi = inversion.reference_to_mask_mean(chi, mask)
         self._results['chi'] = _save(chi, image, 'chi.nii')
         self._results['parameters'] = parameters
+
+
+class _SeparateSourcesInputSpec(_ThreadedInputSpec):
+    local_field = File(exists=True, mandatory=True, desc='ppm')
+    r2star = File(exists=True, mandatory=True, desc='1/s')
+    mask = File(exists=True, mandatory=True, desc='where the local field is valid')
+    magnitude = File(exists=True, desc='magnitude weighting (4-D: combined over echoes)')
+    b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc='in voxel axes')
+    field_strength = traits.Float(mandatory=True, desc='tesla')
+
+
+class _SeparateSourcesOutputSpec(TraitedSpec):
+    chi_paramagnetic = File(exists=True, desc='chi+ in ppm, >= 0')
+    chi_diamagnetic = File(exists=True, desc='chi- in ppm, stored as a non-negative magnitude')
+
+
+class SeparateSources(_ThreadedInterface):
+    """Chi-separation into paramagnetic and diamagnetic susceptibility from local field and R2'."""
+    input_spec = _SeparateSourcesInputSpec
+    output_spec = _SeparateSourcesOutputSpec
+
+    def _compute(self):
+        local_field, image = _load(self.inputs.local_field)
+        mask = _load(self.inputs.mask, bool)[0]
+        r2star = _load(self.inputs.r2star)[0]
+        magnitude = None
+        if isdefined(self.inputs.magnitude):
+            magnitude = _load(self.inputs.magnitude)[0]
+            if magnitude.ndim == 4:
+                magnitude = masking.combined_magnitude(magnitude)
+        r2prime, _ = chisep.r2prime(r2star, mask=mask)
+        chi_paramagnetic, chi_diamagnetic = chisep.chi_separation(
+            local_field, r2prime, mask, voxel_size_from_affine(image.affine), self.inputs.b0_dir,
+            self.inputs.field_strength, dr_hz_per_ppm=chisep.relaxometric_constant(self.inputs.field_strength),
+            magnitude=magnitude)
+        self._results['chi_paramagnetic'] = _save(chi_paramagnetic, image, 'chi_paramagnetic.nii')
+        self._results['chi_diamagnetic'] = _save(chi_diamagnetic, image, 'chi_diamagnetic.nii')

@@ -87,6 +87,15 @@ def r2prime(r2star_hz, r2_hz=None, mask=None, assumed_r2_hz=ASSUMED_TISSUE_R2_HZ
     return result.astype(np.float32), sidecar
 
 
+def relaxometric_constant(field_strength_t):
+    """Dr (Hz/ppm) at ``field_strength_t``: the 3 T value scaled linearly with B0.
+
+    In the static dephasing regime R2' is proportional to the frequency offset that the sources
+    produce, gamma B0 chi, so Dr grows linearly with the field strength.
+    """
+    return DR_HZ_PER_PPM_3T * field_strength_t / 3.0
+
+
 def sidecar_parameters(field_strength_t, dr_hz_per_ppm=DR_HZ_PER_PPM_3T, lam=CHISEP_LAMBDA,
                        iterations=CHISEP_ITERATIONS):
     """The method's parameters for the sidecars of the chi+ and chi- maps."""

@@ -10,6 +10,9 @@ import numpy as np
 from scipy import ndimage
 
 BIAS_SMOOTHING_MM = 20.0
+# 'two-pass' also drops voxels whose phase is unreliable (echofit.reliable_field_mask) after the
+# field fit; 'magnitude' keeps the magnitude mask alone.
+MASKING_METHODS = ('two-pass', 'magnitude')
 
 
 def otsu_threshold(values, bins=256):

@@ -1,12 +1,17 @@
 """The top-level workflow: one series workflow per MEGRE series."""
+import numpy as np
 from nipype.pipeline import engine as pe
 
 from .. import __version__
 from ..bids import bids_uri
-from ..science import bgremove, inversion
+from ..science import bgremove, chisep, echofit, inversion
 from ..science.unwrap import DEFAULT_UNWRAP
 from .qsm import init_series_wf
 
+ECHO_FIT_DESCRIPTIONS = {
+    'complex': 'magnitude-weighted nonlinear fit of the complex multi-echo signal (field and phase offset)',
+    'linear': 'magnitude^2-weighted linear fit of unwrapped phase against echo time',
+}
 # The regularisation weight each series gets is added to its Chimap sidecar when it is chosen.
 _WEIGHT_RULE = {'RegularizationWeightRule': f'{inversion.TV_TO_L2_WEIGHT} x the GCV weight of closed-form L2, '
                                             'relative to the local field scaled to unit RMS in the mask'}
@@ -23,7 +28,8 @@ INVERSION_DESCRIPTIONS = {
 }
 
 
-def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inversion_method, user_mask):
+def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inversion_method, user_mask,
+                 masking='two-pass', chi_separation=True):
     """Sidecar keys common to every output of ``series``, and those of each output."""
     metadata = {
         'SkullStripped': True,
@@ -34,30 +40,42 @@ def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inver
         'B0DirectionSource': series.b0_dir_source,
         'PhaseSign': phase_sign,
     }
-    field_steps = {'PhaseUnwrapping': unwrap, 'EchoCombination': 'magnitude^2-weighted linear fit of phase'}
+    echo_fit = echofit.echo_fit_method(len(series.echo_times_s))
+    field_steps = {'PhaseUnwrapping': unwrap, 'EchoCombination': ECHO_FIT_DESCRIPTIONS[echo_fit]}
     inversion_name, inversion_parameters = INVERSION_DESCRIPTIONS[inversion_method]
     background = {'BackgroundFieldRemoval': bgremove_method}
     if bgremove_method == 'vsharp':
         background['BackgroundFieldRemovalRadiiMM'] = bgremove.default_radii_mm(series.voxel_size_mm)
+    mask_steps = 'user-supplied mask' if user_mask else 'bias-corrected magnitude, Otsu threshold, erosion, ' \
+        'largest component, holes filled'
+    if masking == 'two-pass':
+        mask_steps += '; second pass: voxels whose field is a phase wrap off their neighbours removed'
+    if bgremove_method == 'vsharp':
+        mask_steps += '; eroded by V-SHARP'
     parameters = {
         'chimap': {'EstimationAlgorithm': inversion_name, **inversion_parameters, **field_steps, **background,
                    'Reference': 'mean over the brain mask'},
         'r2starmap': {'EstimationAlgorithm': 'magnitude^2-weighted log-linear mono-exponential fit'},
         't2starmap': {'EstimationAlgorithm': '1/R2* of the mono-exponential fit'},
-        'brain_mask': {'EstimationAlgorithm': ('user-supplied mask' if user_mask else
-                                               'bias-corrected magnitude, Otsu threshold, erosion, largest component')
-                       + '; voxels a phase wrap off their neighbours removed'
-                       + ('; eroded by V-SHARP' if bgremove_method == 'vsharp' else ''),
-                       'Type': 'Brain'},
-        'total_field': {'EstimationAlgorithm': 'weighted linear fit of unwrapped phase', **field_steps},
+        'brain_mask': {'EstimationAlgorithm': mask_steps, 'Type': 'Brain'},
+        'total_field': {'EstimationAlgorithm': ECHO_FIT_DESCRIPTIONS[echo_fit], **field_steps},
         'local_field': {'EstimationAlgorithm': bgremove_method, **field_steps, **background},
+        'field_noise': {'EstimationAlgorithm': 'residual of the complex fit pooled over 3x3x3 voxels, propagated '
+                                               'to the field', **field_steps},
     }
+    if chi_separation:
+        dr = chisep.relaxometric_constant(series.field_strength_t)
+        separation = {**chisep.sidecar_parameters(series.field_strength_t, dr_hz_per_ppm=dr),
+                      **chisep.r2prime(np.zeros(1, dtype=np.float32))[1],
+                      'RelaxometricConstantRule': '114 Hz/ppm at 3 T, scaled linearly with B0',
+                      **field_steps, **background, 'Reference': 'absolute (R2\' fixes the level)'}
+        parameters['chimap_paramagnetic'] = parameters['chimap_diamagnetic'] = separation
     return metadata, parameters
 
 
 def init_qsmprep_wf(*, series_list, bids_dir, output_dir, work_dir, phase_sign=1, unwrap=DEFAULT_UNWRAP,
                     bgremove_method='vsharp', inversion_method=inversion.DEFAULT_INVERSION, user_mask=None,
-                    omp_nthreads=1, name='qsmprep_wf'):
+                    masking='two-pass', chi_separation=True, omp_nthreads=1, name='qsmprep_wf'):
     """Every selected MEGRE series, each in its own ``series_wf`` named after its entities.
 
     >>> wf = init_qsmprep_wf(series_list=series, bids_dir=..., output_dir=..., work_dir=...)  # doctest: +SKIP
@@ -67,12 +85,12 @@ def init_qsmprep_wf(*, series_list, bids_dir, output_dir, work_dir, phase_sign=1
     for series in series_list:
         metadata, parameters = sidecars_for(series, bids_dir=bids_dir, phase_sign=phase_sign, unwrap=unwrap,
                                             bgremove_method=bgremove_method, inversion_method=inversion_method,
-                                            user_mask=user_mask)
+                                            user_mask=user_mask, masking=masking, chi_separation=chi_separation)
         series_wf = init_series_wf(series=series, output_dir=output_dir, metadata=metadata,
                                    parameters=parameters, phase_sign=phase_sign, unwrap=unwrap,
                                    bgremove=bgremove_method, inversion_method=inversion_method,
-                                   user_mask=user_mask, omp_nthreads=omp_nthreads,
-                                   name=f'series_{series.workflow_name}_wf')
+                                   user_mask=user_mask, masking=masking, chi_separation=chi_separation,
+                                   omp_nthreads=omp_nthreads, name=f'series_{series.workflow_name}_wf')
         qsmprep_wf.add_nodes([series_wf])
     return qsmprep_wf
 

@@ -4,8 +4,8 @@ from nipype.pipeline import engine as pe
 
 from ..interfaces.derivatives import DerivativesSink
 from ..interfaces.qsm import (BrainMask, FitR2star, FitTotalField, Invert, LoadMEGRE, RemoveBackground,
-                              UnwrapPhase)
-from ..science import inversion
+                              SeparateSources, UnwrapPhase)
+from ..science import echofit, inversion
 from ..science.unwrap import DEFAULT_UNWRAP
 
 
@@ -13,14 +13,16 @@ def init_megre_wf(*, series, phase_sign=1, unwrap=DEFAULT_UNWRAP, user_mask=None
                   name='megre_wf'):
     """Multi-echo GRE to total field (ppm), R2*, T2* and a brain mask.
 
-    Outputs (``outputnode``): magnitude (4-D), total_field, mask, reliable_mask (the mask without
-    voxels whose field is a phase wrap off their neighbours), r2star, t2star.
+    Outputs (``outputnode``): magnitude (4-D), total_field, field_noise (from 3 echoes), mask,
+    reliable_mask (the mask without voxels whose field is a phase wrap off their neighbours),
+    r2star, t2star.
 
     >>> wf = init_megre_wf(series=series)  # doctest: +SKIP
     """
     workflow = pe.Workflow(name=name)
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=['magnitude', 'total_field', 'mask', 'reliable_mask', 'r2star', 't2star']), name='outputnode')
+        fields=['magnitude', 'total_field', 'field_noise', 'mask', 'reliable_mask', 'r2star', 't2star']),
+        name='outputnode')
     load_megre = pe.Node(LoadMEGRE(magnitude_files=series.magnitude_files, phase_files=series.phase_files,
                                    phase_range=series.phase_range, phase_sign=phase_sign), name='load_megre')
     brain_mask = pe.Node(BrainMask(), name='brain_mask')
@@ -45,6 +47,8 @@ def init_megre_wf(*, series, phase_sign=1, unwrap=DEFAULT_UNWRAP, user_mask=None
         (fit_r2star, outputnode, [('r2star', 'r2star'), ('t2star', 't2star')]),
         (fit_total_field, outputnode, [('total_field', 'total_field'), ('reliable_mask', 'reliable_mask')]),
     ])
+    if len(series.echo_times_s) >= echofit.COMPLEX_FIT_MIN_ECHOES:
+        workflow.connect(fit_total_field, 'field_noise', outputnode, 'field_noise')
     return workflow
 
 
@@ -80,13 +84,18 @@ def init_field_to_chi_wf(*, b0_dir, echo_times, field_strength, bgremove='vsharp
 
 def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, unwrap=DEFAULT_UNWRAP,
                    bgremove='vsharp', inversion_method=inversion.DEFAULT_INVERSION, user_mask=None,
-                   omp_nthreads=1, name='series_wf'):
+                   masking='two-pass', chi_separation=True, omp_nthreads=1, name='series_wf'):
     """One MEGRE series from raw echoes to written derivatives.
+
+    ``masking='two-pass'`` hands background removal the mask without the voxels of unreliable
+    phase, ``'magnitude'`` the magnitude mask itself. With ``chi_separation`` the local field and R2* are also split into paramagnetic and
+    diamagnetic susceptibility.
 
     ``metadata`` holds the sidecar keys common to every output, ``parameters`` the keys of
     each output (see ``qsmprep.interfaces.derivatives.OUTPUTS``).
     """
     workflow = pe.Workflow(name=name)
+    mask_output = 'outputnode.reliable_mask' if masking == 'two-pass' else 'outputnode.mask'
     megre_wf = init_megre_wf(series=series, phase_sign=phase_sign, unwrap=unwrap, user_mask=user_mask,
                              omp_nthreads=omp_nthreads)
     field_to_chi_wf = init_field_to_chi_wf(b0_dir=series.b0_dir, echo_times=series.echo_times_s,
@@ -99,7 +108,7 @@ def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, un
         name='derivatives_sink', run_without_submitting=True, overwrite=True)
     workflow.connect([
         (megre_wf, field_to_chi_wf, [('outputnode.total_field', 'inputnode.total_field'),
-                                     ('outputnode.reliable_mask', 'inputnode.mask'),
+                                     (mask_output, 'inputnode.mask'),
                                      ('outputnode.magnitude', 'inputnode.magnitude')]),
         (megre_wf, derivatives_sink, [('outputnode.r2star', 'r2starmap'), ('outputnode.t2star', 't2starmap'),
                                       ('outputnode.total_field', 'total_field')]),
@@ -108,4 +117,18 @@ def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, un
                                              ('outputnode.local_field', 'local_field'),
                                              ('outputnode.mask', 'brain_mask')]),
     ])
+    if len(series.echo_times_s) >= echofit.COMPLEX_FIT_MIN_ECHOES:
+        workflow.connect(megre_wf, 'outputnode.field_noise', derivatives_sink, 'field_noise')
+    if chi_separation:
+        separate_sources = pe.Node(
+            SeparateSources(b0_dir=[float(v) for v in series.b0_dir], field_strength=series.field_strength_t,
+                            num_threads=omp_nthreads),
+            name='separate_sources', n_procs=omp_nthreads)
+        workflow.connect([
+            (field_to_chi_wf, separate_sources, [('outputnode.local_field', 'local_field'),
+                                                 ('outputnode.mask', 'mask')]),
+            (megre_wf, separate_sources, [('outputnode.r2star', 'r2star'), ('outputnode.magnitude', 'magnitude')]),
+            (separate_sources, derivatives_sink, [('chi_paramagnetic', 'chimap_paramagnetic'),
+                                                  ('chi_diamagnetic', 'chimap_diamagnetic')]),
+        ])
     return workflow
