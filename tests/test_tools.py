@@ -10,7 +10,12 @@ from qsmprep.science import metrics
 @pytest.fixture(scope='module')
 def files(head, tmp_path_factory):
     folder = tmp_path_factory.mktemp('tools')
+    true_phase = (2 * np.pi * head.field_strength * 42.57747892 * head.megre['total_field'][..., None]
+                  * head.echo_times + head.phantom['phase_offset'][..., None])
     arrays = {'magnitude': head.megre['magnitude'], 'phase': head.megre['phase'], 'brain': head.brain,
+              'unwrapped_phase': head.megre['phase'] + 2 * np.pi * np.round((true_phase - head.megre['phase'])
+                                                                              / (2 * np.pi)),
+              'r2star': head.phantom['r2star'],
               'total_field': head.megre['total_field'], 'local_field': head.megre['local_field']}
     paths = {}
     for name, array in arrays.items():
@@ -22,6 +27,29 @@ def files(head, tmp_path_factory):
 
 def load(path):
     return nib.load(path).get_fdata()
+
+
+def test_field(files, head, run_tool):
+    out, noise = files['folder'] / 'field.nii.gz', files['folder'] / 'noise.nii.gz'
+    result = run_tool('field', files['unwrapped_phase'], '--magnitude', files['magnitude'], '--mask', files['brain'],
+                      '--echo-times', *head.echo_times, '--field-strength', head.field_strength, '-o', out,
+                      '--out-noise', noise)
+    assert result.returncode == 0, result.stderr
+    assert 'echo fit: complex' in result.stdout
+    assert metrics.nrmse(load(out), head.megre['total_field'], head.brain) < 1
+    assert np.all(load(noise)[head.brain] > 0)
+
+
+def test_chisep(files, head, run_tool):
+    prefix = files['folder'] / 'sep'
+    result = run_tool('chisep', files['local_field'], '--r2star', files['r2star'], '--mask', files['brain'],
+                      '--field-strength', head.field_strength, '-o', prefix)
+    assert result.returncode == 0, result.stderr
+    assert 'R2 of 12.5' in result.stdout
+    paramagnetic = load(f'{prefix}_desc-paramagnetic_Chimap.nii.gz')
+    diamagnetic = load(f'{prefix}_desc-diamagnetic_Chimap.nii.gz')
+    assert paramagnetic.min() >= 0 and diamagnetic.min() >= 0
+    assert metrics.correlation(paramagnetic - diamagnetic, head.chi, head.brain) > 0.8
 
 
 def test_invert(files, head, run_tool):

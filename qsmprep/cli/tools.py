@@ -12,7 +12,7 @@ import scipy.fft
 
 from .. import __version__
 from ..nifti import on_same_grid, save_like
-from ..science import bgremove, echofit, inversion, masking, unwrap
+from ..science import bgremove, chisep, echofit, inversion, masking, unwrap
 from ..science.physics import b0_direction_from_affine, voxel_size_from_affine
 
 
@@ -110,6 +110,47 @@ def run_unwrap(args):
     _save(unwrapped, image, args.output)
 
 
+def run_field(args):
+    phase, image = _load(args.unwrapped_phase, ndim=(4,))
+    magnitude, magnitude_image = _load(args.magnitude, ndim=(4,))
+    if magnitude.shape != phase.shape:
+        raise ToolError(f'{args.magnitude}: shape {magnitude.shape} differs from {args.unwrapped_phase} {phase.shape}.')
+    mask = _load_mask(args.mask, image.slicer[..., 0], args.unwrapped_phase)
+    echo_times = _echo_times(args, phase.shape[-1], args.unwrapped_phase)
+    method = echofit.echo_fit_method(len(echo_times), args.method)
+    with_noise = bool(args.out_noise)
+    if with_noise and len(echo_times) < echofit.COMPLEX_FIT_MIN_ECHOES:
+        raise ToolError(f'--out-noise: the noise map needs {echofit.COMPLEX_FIT_MIN_ECHOES} echoes or more.')
+    field_ppm, _, *noise = echofit.fit_total_field(phase, magnitude, echo_times, args.field_strength, mask,
+                                                   method=method, return_noise=with_noise)
+    reference = image.slicer[..., 0]
+    print(f'echo fit: {method}')
+    _save(field_ppm, reference, args.output)
+    if with_noise:
+        _save(noise[0], reference, args.out_noise)
+
+
+def run_chisep(args):
+    field, image = _load(args.local_field, ndim=(3,))
+    mask = _load_mask(args.mask, image, args.local_field)
+    r2star, r2star_image = _load(args.r2star, ndim=(3,))
+    if not on_same_grid(r2star_image, image):
+        raise ToolError(f'{args.r2star}: not on the grid of {args.local_field}; resample it first.')
+    r2 = None
+    if args.r2:
+        r2, r2_image = _load(args.r2, ndim=(3,))
+        if not on_same_grid(r2_image, image):
+            raise ToolError(f'{args.r2}: not on the grid of {args.local_field}; resample it first.')
+    r2prime, assumption = chisep.r2prime(r2star, r2, mask)
+    dr = args.dr if args.dr else chisep.relaxometric_constant(args.field_strength)
+    chi_paramagnetic, chi_diamagnetic = chisep.chi_separation(
+        field, r2prime, mask, voxel_size_from_affine(image.affine), _b0_dir(args, image), args.field_strength,
+        dr_hz_per_ppm=dr)
+    print(f"Dr: {dr:g} Hz/ppm; R2': {assumption.get('R2PrimeAssumption', assumption['R2PrimeSource'])}")
+    _save(chi_paramagnetic, image, f'{args.output_prefix}_desc-paramagnetic_Chimap.nii.gz')
+    _save(chi_diamagnetic, image, f'{args.output_prefix}_desc-diamagnetic_Chimap.nii.gz')
+
+
 def run_r2star(args):
     magnitude, image = _load(args.magnitude, ndim=(4,))
     mask = _load_mask(args.mask, image, args.magnitude) if args.mask else None
@@ -165,6 +206,32 @@ def build_parser():
     unwrap_command.add_argument('--echo-times', nargs='+', type=float, default=[], metavar='SECONDS')
     unwrap_command.add_argument('-o', '--output', required=True)
     unwrap_command.set_defaults(run=run_unwrap)
+
+    field = commands.add_parser('field', help='unwrapped multi-echo phase (rad, 4-D) to total field (ppm)')
+    field.add_argument('unwrapped_phase')
+    field.add_argument('--magnitude', required=True, help='4-D magnitude, echoes last')
+    field.add_argument('--mask', required=True)
+    field.add_argument('--echo-times', nargs='+', type=float, required=True, metavar='SECONDS')
+    field.add_argument('--field-strength', type=float, required=True, metavar='TESLA')
+    field.add_argument('--method', choices=echofit.ECHO_FIT_METHODS,
+                       help='complex (default from 3 echoes) or linear')
+    field.add_argument('-o', '--output', required=True)
+    field.add_argument('--out-noise', help="where to write the field's standard deviation (ppm), 3 echoes or more")
+    field.set_defaults(run=run_field)
+
+    separation = commands.add_parser('chisep', help='local field (ppm) and R2* (1/s) to chi+ and chi- (ppm)')
+    separation.add_argument('local_field')
+    separation.add_argument('--r2star', required=True, help='R2* map (1/s)')
+    separation.add_argument('--r2', help='R2 map (1/s); without it R2 is assumed constant (stated on output)')
+    separation.add_argument('--mask', required=True)
+    separation.add_argument('--field-strength', type=float, required=True, metavar='TESLA')
+    separation.add_argument('--dr', type=float, metavar='HZ_PER_PPM',
+                            help='relaxometric constant (default 114 Hz/ppm at 3 T, scaled with B0)')
+    separation.add_argument('--b0-dir', nargs=3, type=float, metavar=('X', 'Y', 'Z'),
+                            help='B0 direction in voxel axes (default: from the affine)')
+    separation.add_argument('-o', '--output-prefix', required=True,
+                            help='writes PREFIX_desc-paramagnetic_Chimap.nii.gz and PREFIX_desc-diamagnetic_Chimap.nii.gz')
+    separation.set_defaults(run=run_chisep)
 
     r2star = commands.add_parser('r2star', help='4-D multi-echo magnitude to R2* (1/s)')
     r2star.add_argument('magnitude')
