@@ -12,7 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN pip install torch==2.13.0
 
 COPY . /src/qsmprep
-RUN pip install /src/qsmprep && rm -rf /src/qsmprep
+RUN pip install "/src/qsmprep[learned]" && rm -rf /src/qsmprep
 
 # Nipype writes its work directory under the current folder unless -w is given.
 WORKDIR /tmp

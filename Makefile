@@ -11,7 +11,7 @@ $(INSTALLED): setup.cfg pyproject.toml
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	# Pinned: an unpinned torch resolves to gigabytes of CUDA packages on a CPU machine.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e '.[test]'
+	$(PYTHON) -m pip install --quiet -e '.[test,learned]'
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)

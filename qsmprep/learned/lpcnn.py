@@ -1,0 +1,222 @@
+"""LP-CNN (Lai, Aggarwal, van Zijl, Li and Sulam, MICCAI 2020): learned proximal gradient descent.
+
+The susceptibility estimate is updated by unrolled proximal gradient steps on the data term
+1/2 sum_i ||M (D_i chi - f_i)||^2 over the head orientations i, with a CNN as the proximal map:
+
+    chi_0 = 0,    chi_{k+1} = M P_theta(M (chi_k - alpha / N sum_i D_i^T M (D_i chi_k - f_i)))
+
+- D_i is the dipole convolution of orientation i (its own B0 direction and the voxel size), on a
+  zero-padded FFT grid so that it does not wrap around; the kernel is
+  ``qsmprep.science.physics.dipole_kernel``, the same one the classical solvers and the
+  simulator use.
+- M is the brain mask: the local field is data only inside it, and the susceptibility that
+  produces the local field lies inside it, so the estimate is kept at 0 outside.
+- The gradient is averaged over the N orientations (not summed, as in the paper), so that one
+  learned step size alpha suits any number of orientations: sum_i D_i^T D_i has a largest
+  eigenvalue up to N * 4/9.
+- P_theta is one CNN shared by all iterations (the paper's choice); it sees the estimate and
+  the mask and returns a corrected estimate.
+
+The network works in ``NETWORK_UNITS_PER_PPM`` units: fields and susceptibility in ppm are of
+order 0.01 to 0.1 in the brain, too small for the default initialisation and learning rates of
+a CNN; scaled by 10 they are of order 1. The physics is linear, so one constant serves both.
+"""
+import itertools
+
+import numpy as np
+import torch
+from torch import nn
+
+from qsmprep.science.masking import bounding_box
+from qsmprep.science.physics import dipole_kernel, padded_shape
+
+NETWORK_UNITS_PER_PPM = 10.0
+# Padding factor of the FFT grid of the dipole convolution (CONVENTIONS.md: at least 1.5).
+PAD_FACTOR = 1.5
+# Initial step size: with the gradient averaged over orientations, the data term's Lipschitz
+# constant is at most 4/9, so gradient descent is stable for steps below 4.5; 2 is a cautious start.
+INITIAL_STEP_SIZE = 2.0
+# Edge length in voxels of the tiles that the CNN is applied on at inference (memory bound).
+DEFAULT_TILE = 64
+# Margin around the mask's bounding box that the inference keeps (as classical inversions do).
+CROP_MARGIN_VOXELS = 8
+
+
+def default_device():
+    """The first GPU when torch sees one, else the CPU."""
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+class TorchDipoleOperator:
+    """Dipole convolutions of a batch of volumes, each with its own voxel size and B0 directions.
+
+    ``voxel_sizes`` is (B, 3) and ``b0_dirs`` (B, N, 3) for B volumes of ``shape`` with N
+    orientations each. ``forward`` maps susceptibility (B, 1, *shape) to fields (B, N, *shape);
+    ``adjoint`` maps fields (B, N, *shape) back to (B, 1, *shape), summing the orientations.
+    With ``pad_factor`` > 1 the grid is zero-padded as ``physics.DipoleOperator`` pads it, so
+    each orientation's operator equals that numpy operator.
+    """
+
+    def __init__(self, shape, voxel_sizes, b0_dirs, pad_factor=PAD_FACTOR, device=None):
+        self.shape = tuple(int(n) for n in shape)
+        self.fft_shape = padded_shape(self.shape, pad_factor) if pad_factor > 1 else self.shape
+        voxel_sizes = np.asarray(voxel_sizes, dtype=float).reshape(-1, 3)
+        b0_dirs = np.asarray(b0_dirs, dtype=float)
+        b0_dirs = b0_dirs.reshape((voxel_sizes.shape[0], -1, 3))
+        kernels = [[dipole_kernel(self.fft_shape, voxel_size, b0_dir) for b0_dir in directions]
+                   for voxel_size, directions in zip(voxel_sizes, b0_dirs)]
+        self.kernels = torch.from_numpy(np.asarray(kernels, dtype=np.float32)).to(device)
+        self.orientations = b0_dirs.shape[1]
+
+    def _convolve(self, volumes):
+        dims = (-3, -2, -1)
+        spectrum = torch.fft.rfftn(volumes, s=self.fft_shape, dim=dims)
+        result = torch.fft.irfftn(spectrum * self.kernels, s=self.fft_shape, dim=dims)
+        return result[..., :self.shape[0], :self.shape[1], :self.shape[2]]
+
+    def forward(self, chi):
+        """Fields (B, N, *shape) of susceptibility ``chi`` (B, 1, *shape)."""
+        return self._convolve(chi)
+
+    def adjoint(self, fields):
+        """Adjoint of ``forward``: each kernel is real and even, so the same convolution, summed."""
+        return self._convolve(fields).sum(dim=1, keepdim=True)
+
+
+class ResidualBlock(nn.Module):
+    """conv-ReLU-conv with an identity shortcut, then ReLU."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv3d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv3d(channels, channels, 3, padding=1)
+
+    def forward(self, features):
+        return torch.relu(features + self.conv2(torch.relu(self.conv1(features))))
+
+
+class ProximalCNN(nn.Module):
+    """The learned proximal map: (estimate, mask) in, corrected estimate out.
+
+    A 3-D CNN of ``blocks`` residual blocks of ``channels`` channels between an input and an
+    output convolution, all 3x3x3 with zero padding and no normalisation layer, so that its
+    output at a voxel depends only on the input within ``receptive_radius`` voxels: this is
+    what lets the inference apply it tile by tile. It predicts a correction that is added to
+    the estimate; the output convolution starts at zero, so an untrained LP-CNN is projected
+    gradient descent.
+    """
+
+    def __init__(self, channels=32, blocks=8):
+        super().__init__()
+        self.input_conv = nn.Conv3d(2, channels, 3, padding=1)
+        self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
+        self.output_conv = nn.Conv3d(channels, 1, 3, padding=1)
+        nn.init.zeros_(self.output_conv.weight)
+        nn.init.zeros_(self.output_conv.bias)
+        # Each 3x3x3 convolution reaches one voxel further.
+        self.receptive_radius = 2 + 2 * blocks
+
+    def forward(self, estimate_and_mask):
+        """(B, 2, ...) estimate and mask in, (B, 1, ...) corrected estimate out."""
+        features = torch.relu(self.input_conv(estimate_and_mask))
+        return estimate_and_mask[:, :1] + self.output_conv(self.blocks(features))
+
+
+def apply_in_tiles(network, volume, tile, halo):
+    """``network(volume)`` computed on cubes of ``tile`` voxels, each read with ``halo`` around it.
+
+    Equal to the whole-volume result (up to rounding) when ``halo`` is at least the network's
+    receptive radius: a voxel that far from a tile's inner edge sees the same input, and at the
+    volume's edge the tile's zero padding is the volume's. ``tile=None`` runs it in one go.
+    """
+    if tile is None:
+        return network(volume)
+    spatial_shape = volume.shape[2:]
+    output = None
+    starts = [range(0, n, tile) for n in spatial_shape]
+    for corner in itertools.product(*starts):
+        core = [slice(start, min(start + tile, n)) for start, n in zip(corner, spatial_shape)]
+        read = [slice(max(c.start - halo, 0), min(c.stop + halo, n)) for c, n in zip(core, spatial_shape)]
+        result = network(volume[(...,) + tuple(read)])
+        if output is None:
+            output = volume.new_zeros(volume.shape[:1] + result.shape[1:2] + spatial_shape)
+        within = tuple(slice(c.start - r.start, c.stop - r.start) for c, r in zip(core, read))
+        output[(...,) + tuple(core)] = result[(...,) + within]
+    return output
+
+
+class LPCNN(nn.Module):
+    """Unrolled proximal gradient descent for multi-orientation dipole inversion (see module doc).
+
+    ``forward(local_fields, mask, voxel_sizes, b0_dirs)`` takes fields (B, N, X, Y, Z) and a mask
+    (B, 1, X, Y, Z) as tensors in network units, voxel sizes (B, 3) in mm and B0 directions
+    (B, N, 3) in voxel axes, and returns susceptibility (B, 1, X, Y, Z) in network units.
+    ``config`` holds the constructor's arguments, which the model card stores.
+    """
+
+    def __init__(self, iterations=3, channels=32, blocks=8, shared=True, initial_step_size=INITIAL_STEP_SIZE,
+                 pad_factor=PAD_FACTOR):
+        super().__init__()
+        self.config = {'iterations': iterations, 'channels': channels, 'blocks': blocks, 'shared': shared,
+                       'initial_step_size': initial_step_size, 'pad_factor': pad_factor}
+        self.iterations = iterations
+        self.pad_factor = pad_factor
+        networks = [ProximalCNN(channels, blocks)] if shared else [ProximalCNN(channels, blocks)
+                                                                  for _ in range(iterations)]
+        self.proximal_networks = nn.ModuleList(networks)
+        self.step_size = nn.Parameter(torch.tensor(float(initial_step_size)))
+
+    def _proximal(self, iteration, estimate, mask, tile):
+        network = self.proximal_networks[0 if len(self.proximal_networks) == 1 else iteration]
+        return apply_in_tiles(network, torch.cat([estimate, mask], dim=1), tile, network.receptive_radius)
+
+    def forward(self, local_fields, mask, voxel_sizes, b0_dirs, tile=None):
+        operator = TorchDipoleOperator(local_fields.shape[2:], voxel_sizes, b0_dirs, self.pad_factor,
+                                       device=local_fields.device)
+        masked_fields = local_fields * mask
+        chi = torch.zeros_like(mask)
+        for iteration in range(self.iterations):
+            residual = operator.forward(chi) * mask - masked_fields
+            gradient = operator.adjoint(residual) / operator.orientations
+            chi = mask * self._proximal(iteration, mask * (chi - self.step_size * gradient), mask, tile)
+        return chi
+
+
+def _orientations_first(local_fields_ppm):
+    """Fields as an (N, X, Y, Z) array: from a list of 3-D arrays, a 4-D array with the
+    orientations on the last axis (as nibabel loads a 4-D NIfTI), or one 3-D array."""
+    if isinstance(local_fields_ppm, (list, tuple)):
+        return np.stack([np.asarray(field, dtype=np.float32) for field in local_fields_ppm])
+    fields = np.asarray(local_fields_ppm, dtype=np.float32)
+    return fields[np.newaxis] if fields.ndim == 3 else np.moveaxis(fields, -1, 0)
+
+
+def lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, device=None, tile=DEFAULT_TILE):
+    """Susceptibility (ppm) from the local fields of one or more head orientations, 0 outside ``mask``.
+
+    ``local_fields_ppm``: a list of 3-D arrays, a 4-D array with orientations on the last axis,
+    or one 3-D array, all on the grid of ``mask``; ``b0_dirs``: one unit B0 direction (voxel
+    axes) per orientation, (N, 3), or (3,) for one. Runs on ``device`` (default: the GPU if torch
+    sees one, else the CPU) on the mask's bounding box. The dipole convolutions need the whole
+    box's FFT, but the CNN is local, so it is applied in tiles of ``tile`` voxels (with a halo of
+    its receptive radius) to bound memory; ``tile=None`` applies it to the whole box at once.
+    """
+    fields = _orientations_first(local_fields_ppm)
+    mask = np.asarray(mask, dtype=bool)
+    b0_dirs = np.asarray(b0_dirs, dtype=float).reshape(-1, 3)
+    if fields.shape[0] != b0_dirs.shape[0] or fields.shape[1:] != mask.shape:
+        raise ValueError(f'{fields.shape[0]} field maps of shape {fields.shape[1:]} do not match '
+                         f'{b0_dirs.shape[0]} B0 directions and a mask of shape {mask.shape}; '
+                         'give one B0 direction per field map, all on the mask grid')
+    chi = np.zeros(mask.shape, dtype=np.float32)
+    if not mask.any():
+        return chi
+    device = torch.device(device) if device is not None else default_device()
+    box = bounding_box(mask, margin=CROP_MARGIN_VOXELS)
+    fields_in = torch.from_numpy(fields[(slice(None),) + box] * NETWORK_UNITS_PER_PPM)[None].to(device)
+    mask_in = torch.from_numpy(mask[box].astype(np.float32))[None, None].to(device)
+    model = model.to(device).eval()
+    with torch.no_grad():
+        chi_network = model(fields_in, mask_in, [voxel_size], [b0_dirs], tile=tile)
+    chi[box] = chi_network[0, 0].cpu().numpy() / NETWORK_UNITS_PER_PPM
+    return np.where(mask, chi, 0).astype(np.float32)

@@ -1,0 +1,325 @@
+"""``qsmprep-train lpcnn``: train LP-CNN on samples simulated on the fly; ``load_model`` for inference.
+
+    qsmprep-train lpcnn --out DIR [--steps N] [--patch-size P] [--batch-size B] [--seed S]
+                        [--device auto|cpu|cuda] [--resume DIR/checkpoint.pt] ...
+
+DIR receives ``checkpoint.pt`` (weights, optimizer state, step, recipe: what ``--resume``
+continues from), ``model.pt`` (the weights alone), ``model_card.json`` (recipe, generator
+version and seed, steps, hardware and wall time of each run, validation NRMSE, sha256 of
+``model.pt``) and
+``training_log.jsonl`` (one line per logged step and per validation).
+
+Every choice of the training is an argument and is written into the card. ``--steps`` is the
+total step count: a resumed run continues from the checkpoint's step with the checkpoint's
+recipe (arguments that differ from it are reported and ignored), and because batch k is drawn
+from the seed and k alone it sees the batches an uninterrupted run would.
+"""
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qsmprep import __version__
+from qsmprep.science import metrics
+
+from .lpcnn import LPCNN, NETWORK_UNITS_PER_PPM, default_device
+from .simulate import GENERATOR_VERSION, VALIDATION_STREAM, SimulationConfig, simulate_batch
+
+CHECKPOINT_NAME, WEIGHTS_NAME = 'checkpoint.pt', 'model.pt'
+CARD_NAME, LOG_NAME = 'model_card.json', 'training_log.jsonl'
+# Arguments that say where and how long to run, not what is trained: not part of the recipe.
+RUN_ARGUMENTS = ('command', 'out', 'steps', 'resume', 'device', 'checkpoint_every', 'log_every')
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text} is not a positive integer')
+    return value
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f'{text} is not between 0 and 1')
+    return value
+
+
+def _build_parser():
+    parser = argparse.ArgumentParser(prog='qsmprep-train', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    models = parser.add_subparsers(dest='command', required=True, metavar='MODEL')
+    lpcnn = models.add_parser('lpcnn', help='learned proximal CNN (Lai et al. 2020)',
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = lpcnn.add_argument_group('run')
+    run.add_argument('--out', type=Path, required=True, help='folder for checkpoint, weights, card and log')
+    run.add_argument('--steps', type=_positive_int, default=20000, help='total optimisation steps')
+    run.add_argument('--resume', type=Path, help='checkpoint.pt to continue from')
+    run.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
+                     help='auto: the GPU when torch sees one, else the CPU')
+    run.add_argument('--checkpoint-every', type=_positive_int, default=500, help='steps between checkpoints')
+    run.add_argument('--log-every', type=_positive_int, default=50, help='steps between log lines')
+
+    model = lpcnn.add_argument_group('model')
+    model.add_argument('--iterations', type=_positive_int, default=3, help='unrolled gradient steps')
+    model.add_argument('--channels', type=_positive_int, default=32, help='channels of the proximal CNN')
+    model.add_argument('--blocks', type=_positive_int, default=8, help='residual blocks of the proximal CNN')
+    model.add_argument('--separate-networks', action='store_true',
+                       help='one proximal CNN per iteration instead of one shared by all')
+    model.add_argument('--initial-step-size', type=float, default=2.0, help='initial value of the learned step size')
+    model.add_argument('--pad-factor', type=float, default=1.5, help="zero padding of the model's dipole FFT grid")
+
+    optimisation = lpcnn.add_argument_group('optimisation')
+    optimisation.add_argument('--batch-size', type=_positive_int, default=4, help='patches per step')
+    optimisation.add_argument('--patch-size', type=_positive_int, default=64, help='patch edge in voxels')
+    optimisation.add_argument('--learning-rate', type=float, default=1e-4, help='Adam learning rate')
+    optimisation.add_argument('--loss', choices=('mse', 'l1'), default='mse',
+                              help='error inside the mask between estimate and truth')
+    optimisation.add_argument('--seed', type=int, default=0, help='seeds the initial weights and the data')
+    optimisation.add_argument('--validation-patches', type=_positive_int, default=16,
+                              help='held-out simulated patches scored at each checkpoint')
+
+    simulation = lpcnn.add_argument_group('simulation')
+    defaults = SimulationConfig()
+    simulation.add_argument('--voxel-size-range', type=float, nargs=2, default=list(defaults.voxel_size_range_mm),
+                            metavar=('MIN', 'MAX'), help='voxel size range in mm, drawn per axis')
+    simulation.add_argument('--max-orientations', type=_positive_int, default=defaults.max_orientations)
+    simulation.add_argument('--max-tilt-deg', type=float, default=defaults.max_tilt_deg,
+                            help='largest angle between the first and any other B0 direction')
+    simulation.add_argument('--noise-max-ppm', type=float, default=defaults.noise_max_ppm,
+                            help='largest standard deviation of the white field noise')
+    simulation.add_argument('--background-max-ppm', type=float, default=defaults.background_max_ppm,
+                            help='largest RMS of the residual background field')
+    simulation.add_argument('--brain-fraction', type=_fraction, default=defaults.brain_fraction,
+                            help='fraction of brain-like patches (the rest are random shapes)')
+    simulation.add_argument('--supersampling', type=_positive_int, default=defaults.supersampling,
+                            help='fine grid factor of the simulated field')
+    simulation.add_argument('--simulation-pad-factor', type=float, default=defaults.pad_factor,
+                            help="zero padding of the simulator's dipole FFT grid")
+    return parser
+
+
+def simulation_config(recipe):
+    return SimulationConfig(
+        voxel_size_range_mm=tuple(recipe['voxel_size_range']), max_orientations=recipe['max_orientations'],
+        max_tilt_deg=recipe['max_tilt_deg'], noise_max_ppm=recipe['noise_max_ppm'],
+        background_max_ppm=recipe['background_max_ppm'], brain_fraction=recipe['brain_fraction'],
+        supersampling=recipe['supersampling'], pad_factor=recipe['simulation_pad_factor'])
+
+
+def _model_from_recipe(recipe):
+    return LPCNN(iterations=recipe['iterations'], channels=recipe['channels'], blocks=recipe['blocks'],
+                 shared=not recipe['separate_networks'], initial_step_size=recipe['initial_step_size'],
+                 pad_factor=recipe['pad_factor'])
+
+
+def _device(choice):
+    if choice == 'auto':
+        return default_device()
+    if choice == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('qsmprep-train: --device cuda, but torch sees no GPU; use --device cpu or auto')
+    return torch.device(choice)
+
+
+def _batch_tensors(samples, device):
+    """Fields, mask and truth in network units as (B, N | 1, X, Y, Z) tensors, and the geometry."""
+    def stacked(arrays):
+        return torch.from_numpy(np.stack(arrays).astype(np.float32)).to(device)
+
+    fields = stacked([s.local_fields_ppm for s in samples]) * NETWORK_UNITS_PER_PPM
+    mask = stacked([s.mask[np.newaxis] for s in samples])
+    chi = stacked([s.chi_ppm[np.newaxis] for s in samples]) * NETWORK_UNITS_PER_PPM
+    return fields, mask, chi, [s.voxel_size for s in samples], [s.b0_dirs for s in samples]
+
+
+def _masked_loss(estimate, truth, mask, kind):
+    error = (estimate - truth) * mask
+    per_voxel = error ** 2 if kind == 'mse' else error.abs()
+    return per_voxel.sum() / mask.sum().clamp(min=1)
+
+
+def validate(model, samples, device, loss_kind):
+    """Mean training loss and mean NRMSE (percent, CONVENTIONS.md) over held-out samples."""
+    model.eval()
+    losses, scores = [], []
+    with torch.no_grad():
+        for sample in samples:
+            fields, mask, chi, voxel_sizes, b0_dirs = _batch_tensors([sample], device)
+            estimate = model(fields, mask, voxel_sizes, b0_dirs)
+            losses.append(_masked_loss(estimate, chi, mask, loss_kind).item())
+            estimate_ppm = estimate[0, 0].cpu().numpy() / NETWORK_UNITS_PER_PPM
+            scores.append(metrics.nrmse(estimate_ppm, sample.chi_ppm, sample.mask))
+    model.train()
+    return {'validation_loss': float(np.mean(losses)), 'validation_nrmse': float(np.mean(scores))}
+
+
+def _hardware(device):
+    description = {'device': device.type, 'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+                   'torch': str(torch.__version__), 'python': platform.python_version(), 'platform': platform.platform()}
+    if device.type == 'cuda':
+        description['device_name'] = torch.cuda.get_device_name(device)
+        description['cuda'] = torch.version.cuda
+    else:
+        description['device_name'] = platform.processor() or platform.machine()
+    return description
+
+
+def _save_atomically(content, path):
+    """torch.save through a temporary file, so an interrupted save never leaves a broken file."""
+    partial = path.with_name(path.name + '.partial')
+    torch.save(content, partial)
+    os.replace(partial, path)
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as stream:
+        for block in iter(lambda: stream.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _restore_recipe(args, checkpoint):
+    """The checkpoint's recipe, reporting the arguments given that differ from it."""
+    recipe = checkpoint['recipe']
+    for key, value in vars(args).items():
+        if key not in RUN_ARGUMENTS and recipe.get(key) != value:
+            print(f'qsmprep-train: --{key.replace("_", "-")} {value} ignored: {args.resume} was trained with '
+                  f'{recipe.get(key)}', file=sys.stderr)
+    if checkpoint['generator_version'] != GENERATOR_VERSION:
+        raise SystemExit(f'qsmprep-train: {args.resume} was trained on simulator version '
+                         f'{checkpoint["generator_version"]}, this qsmprep simulates version {GENERATOR_VERSION}; '
+                         'resume with the qsmprep that wrote it, or start a new training')
+    return recipe
+
+
+def _start(args, device):
+    """Recipe, model, optimizer, first step and earlier runs: fresh, or from ``args.resume``."""
+    recipe = {key: value for key, value in vars(args).items() if key not in RUN_ARGUMENTS}
+    checkpoint = None
+    if args.resume is not None:
+        checkpoint = torch.load(args.resume, map_location=device, weights_only=True)
+        recipe = _restore_recipe(args, checkpoint)
+    torch.manual_seed(recipe['seed'])
+    model = _model_from_recipe(recipe).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe['learning_rate'])
+    if checkpoint is None:
+        return recipe, model, optimizer, 0, []
+    model.load_state_dict(checkpoint['model_state'])
+    optimizer.load_state_dict(checkpoint['optimizer_state'])
+    return recipe, model, optimizer, checkpoint['step'], checkpoint['runs']
+
+
+def train_lpcnn(args):
+    """Train (or resume training) as ``args`` say; returns the model card.
+
+    Each run (a fresh start or a resumption) is recorded with its steps, wall time and
+    hardware, so a card says where every part of the training ran.
+    """
+    started = time.monotonic()
+    device = _device(args.device)
+    recipe, model, optimizer, step, earlier_runs = _start(args, device)
+    first_step = step
+    config = simulation_config(recipe)
+    validation = [simulate_batch(recipe['seed'], index, 1, recipe['patch_size'], config, VALIDATION_STREAM)[0]
+                  for index in range(recipe['validation_patches'])]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / LOG_NAME, 'a')
+
+    def write_log(entry):
+        log.write(json.dumps(entry) + '\n')
+        log.flush()
+
+    def checkpoint_and_validate():
+        this_run = {'first_step': first_step, 'last_step': step, 'wall_time_s': time.monotonic() - started,
+                    'hardware': _hardware(device)}
+        runs = earlier_runs + [this_run]
+        _save_atomically({'step': step, 'model_state': model.state_dict(), 'optimizer_state': optimizer.state_dict(),
+                          'recipe': recipe, 'generator_version': GENERATOR_VERSION, 'runs': runs},
+                         out / CHECKPOINT_NAME)
+        scores = validate(model, validation, device, recipe['loss'])
+        write_log({'step': step, **scores})
+        return scores, runs
+
+    with log:
+        if step == 0:
+            write_log({'step': 0, **validate(model, validation, device, recipe['loss'])})
+        model.train()
+        while step < args.steps:
+            samples = simulate_batch(recipe['seed'], step, recipe['batch_size'], recipe['patch_size'], config)
+            fields, mask, chi, voxel_sizes, b0_dirs = _batch_tensors(samples, device)
+            loss = _masked_loss(model(fields, mask, voxel_sizes, b0_dirs), chi, mask, recipe['loss'])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step % args.log_every == 0:
+                write_log({'step': step, 'loss': loss.item(), 'orientations': int(fields.shape[1]),
+                           'step_size': model.step_size.item()})
+            if step % args.checkpoint_every == 0 and step < args.steps:
+                checkpoint_and_validate()
+        scores, runs = checkpoint_and_validate()
+
+    _save_atomically(model.state_dict(), out / WEIGHTS_NAME)
+    card = {
+        'model': 'lpcnn',
+        'qsmprep_version': __version__,
+        'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        'architecture': model.config,
+        'network_units_per_ppm': NETWORK_UNITS_PER_PPM,
+        'recipe': recipe,
+        'generator': {'version': GENERATOR_VERSION, 'seed': recipe['seed'], 'config': dataclasses.asdict(config)},
+        'steps': step,
+        'wall_time_s': sum(run['wall_time_s'] for run in runs),
+        'runs': runs,
+        'validation': {'patches': len(validation), 'nrmse_percent': scores['validation_nrmse'],
+                       'loss': scores['validation_loss']},
+        'weights': {'file': WEIGHTS_NAME, 'sha256': sha256_of(out / WEIGHTS_NAME)},
+    }
+    (out / CARD_NAME).write_text(json.dumps(card, indent=2) + '\n')
+    return card
+
+
+def load_model(path):
+    """The LP-CNN of a model card (its path or its folder), in eval mode on the CPU.
+
+    The weights file must have the sha256 that the card records: a model is only used as it
+    was trained and described.
+    """
+    card_path = Path(path)
+    if card_path.is_dir():
+        card_path = card_path / CARD_NAME
+    card = json.loads(card_path.read_text())
+    weights_path = card_path.parent / card['weights']['file']
+    actual = sha256_of(weights_path)
+    if actual != card['weights']['sha256']:
+        raise ValueError(f'{weights_path}: sha256 {actual} differs from {card["weights"]["sha256"]} in {card_path}; '
+                         'the weights were changed or damaged, copy them again together with their card')
+    if card['network_units_per_ppm'] != NETWORK_UNITS_PER_PPM:
+        raise ValueError(f'{card_path}: the model works in {card["network_units_per_ppm"]} units per ppm, this '
+                         f'qsmprep in {NETWORK_UNITS_PER_PPM}; use the qsmprep version that trained it')
+    model = LPCNN(**card['architecture'])
+    model.load_state_dict(torch.load(weights_path, map_location='cpu', weights_only=True))
+    return model.eval()
+
+
+def main(argv=None):
+    args = _build_parser().parse_args(argv)
+    card = train_lpcnn(args)
+    print(f'qsmprep-train: {card["steps"]} steps, validation NRMSE {card["validation"]["nrmse_percent"]:.1f} %, '
+          f'model card {args.out / CARD_NAME}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""LP-CNN: the torch dipole operator, tiled inference, the simulator and the training command.
+
+Tiny sizes (16^3 patches, 2 blocks of 8 channels) keep the whole module within seconds on
+one CPU thread.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qsmprep.learned import lpcnn, simulate
+from qsmprep.learned.train import load_model, main
+from qsmprep.science.physics import DipoleOperator
+
+TINY_MODEL = ['--channels', '8', '--blocks', '2']
+# Noise-free single-orientation shapes: a problem on which a tiny model visibly learns in 30 steps.
+TINY_TRAINING = ['--patch-size', '16', '--batch-size', '2', *TINY_MODEL, '--validation-patches', '6',
+                 '--brain-fraction', '0', '--noise-max-ppm', '0', '--background-max-ppm', '0',
+                 '--max-orientations', '1', '--learning-rate', '1e-3', '--log-every', '1']
+OBLIQUE = np.array([[0.2, -0.3, 0.93], [0.6, 0.1, 0.7]])
+OBLIQUE /= np.linalg.norm(OBLIQUE, axis=1, keepdims=True)
+ANISOTROPIC_VOXEL = (0.7, 1.1, 1.4)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # The test machines' few cores are shared: one thread is faster than contending for two.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _random_model(seed=0):
+    """A tiny LP-CNN with every weight random (a fresh one's output convolution is zero)."""
+    torch.manual_seed(seed)
+    model = lpcnn.LPCNN(channels=8, blocks=2)
+    for parameter in model.proximal_networks.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    return model
+
+
+def _fields_and_mask(shape=(30, 28, 26), orientations=2, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(shape, dtype=bool)
+    mask[4:26, 5:24, 3:22] = True
+    fields = [0.05 * rng.standard_normal(shape).astype(np.float32) for _ in range(orientations)]
+    return fields, mask
+
+
+def test_torch_operator_matches_the_numpy_dipole_operator_per_orientation():
+    rng = np.random.default_rng(1)
+    shape = (16, 20, 18)
+    chi = rng.standard_normal(shape).astype(np.float32)
+    operator = lpcnn.TorchDipoleOperator(shape, [ANISOTROPIC_VOXEL], [OBLIQUE], pad_factor=1.5)
+    fields = operator.forward(torch.from_numpy(chi)[None, None])[0].numpy()
+    for field, b0_dir in zip(fields, OBLIQUE):
+        expected = DipoleOperator(shape, ANISOTROPIC_VOXEL, b0_dir, pad_factor=1.5).forward(chi)
+        assert np.allclose(field, expected, atol=1e-5 * np.abs(expected).max())
+    # Swapping the B0 direction's axes changes the field: the comparison sees axis errors.
+    swapped = DipoleOperator(shape, ANISOTROPIC_VOXEL, OBLIQUE[0][[1, 0, 2]], pad_factor=1.5).forward(chi)
+    assert not np.allclose(fields[0], swapped, atol=0.1 * np.abs(swapped).max())
+
+
+def test_torch_operator_adjoint():
+    shape = (12, 10, 14)
+    operator = lpcnn.TorchDipoleOperator(shape, [ANISOTROPIC_VOXEL, (1, 1, 1)], [OBLIQUE, OBLIQUE[::-1]])
+    generator = torch.Generator().manual_seed(3)
+    chi = torch.randn((2, 1) + shape, generator=generator)
+    fields = torch.randn((2, 2) + shape, generator=generator)
+    forward_product = float((operator.forward(chi) * fields).sum())
+    adjoint_product = float((chi * operator.adjoint(fields)).sum())
+    assert np.isclose(forward_product, adjoint_product, rtol=1e-4)
+
+
+def test_tiled_inference_equals_whole_volume_inference():
+    fields, mask = _fields_and_mask()
+    model = _random_model()
+    whole = lpcnn.lpcnn_invert(fields, mask, ANISOTROPIC_VOXEL, OBLIQUE, model, device='cpu', tile=None)
+    tiled = lpcnn.lpcnn_invert(fields, mask, ANISOTROPIC_VOXEL, OBLIQUE, model, device='cpu', tile=12)
+    assert np.abs(whole).max() > 0.01
+    assert np.allclose(tiled, whole, atol=1e-5 * np.abs(whole).max())
+    assert np.all(whole[~mask] == 0)
+
+
+def test_tiles_need_a_halo_as_wide_as_the_receptive_field():
+    volume = torch.randn(1, 2, 20, 20, 20)
+    network = _random_model().proximal_networks[0]
+    with torch.no_grad():
+        whole = network(volume)
+        assert torch.allclose(lpcnn.apply_in_tiles(network, volume, 8, network.receptive_radius), whole, atol=1e-5)
+        assert not torch.allclose(lpcnn.apply_in_tiles(network, volume, 8, 1), whole, atol=1e-3)
+
+
+def test_multi_orientation_fields_as_a_list_or_a_4d_array():
+    fields, mask = _fields_and_mask(shape=(20, 22, 18), orientations=2)
+    mask[:] = False
+    mask[3:17, 4:18, 2:16] = True
+    model = _random_model()
+    from_list = lpcnn.lpcnn_invert(fields, mask, ANISOTROPIC_VOXEL, OBLIQUE, model, device='cpu')
+    from_4d = lpcnn.lpcnn_invert(np.stack(fields, axis=-1), mask, ANISOTROPIC_VOXEL, OBLIQUE, model, device='cpu')
+    assert np.array_equal(from_list, from_4d)
+    single = lpcnn.lpcnn_invert(fields[0], mask, ANISOTROPIC_VOXEL, OBLIQUE[0], model, device='cpu')
+    assert single.shape == mask.shape and not np.allclose(single, from_list)
+    with pytest.raises(ValueError, match='B0 direction'):
+        lpcnn.lpcnn_invert(fields, mask, ANISOTROPIC_VOXEL, OBLIQUE[0], model, device='cpu')
+
+
+def test_simulator_is_seeded_and_its_field_follows_the_dipole_model():
+    config = simulate.SimulationConfig(brain_fraction=1.0, noise_max_ppm=0.0, background_max_ppm=0.0)
+    first = simulate.simulate_batch(7, 0, 1, 16, config)[0]
+    again = simulate.simulate_batch(7, 0, 1, 16, config)[0]
+    assert first.kind == 'brain' and np.array_equal(first.local_fields_ppm, again.local_fields_ppm)
+    assert np.all((0.6 <= first.voxel_size) & (first.voxel_size <= 1.5))
+    assert np.allclose(np.linalg.norm(first.b0_dirs, axis=1), 1)
+    assert np.all(first.chi_ppm[~first.mask] == 0) and np.all(first.local_fields_ppm[:, ~first.mask] == 0)
+    # The supersampled field is close to the coarse grid's dipole field of the voxel-averaged truth.
+    operator = DipoleOperator(first.chi_ppm.shape, first.voxel_size, first.b0_dirs[0], pad_factor=2)
+    coarse = operator.forward(first.chi_ppm)
+    error = np.linalg.norm((coarse - first.local_fields_ppm[0])[first.mask]) / np.linalg.norm(coarse[first.mask])
+    assert error < 0.3
+
+
+def test_a_few_training_steps_lower_the_validation_error_and_the_card_describes_them(tmp_path):
+    assert main(['lpcnn', '--out', str(tmp_path), '--steps', '30', '--seed', '1', '--checkpoint-every', '30',
+                 *TINY_TRAINING]) == 0
+    log = [json.loads(line) for line in (tmp_path / 'training_log.jsonl').read_text().splitlines()]
+    validations = [entry['validation_nrmse'] for entry in log if 'validation_nrmse' in entry]
+    assert validations[-1] < validations[0] - 2
+    card = json.loads((tmp_path / 'model_card.json').read_text())
+    assert card['steps'] == 30 and card['generator'] == {
+        'version': simulate.GENERATOR_VERSION, 'seed': 1, 'config': card['generator']['config']}
+    assert card['validation']['nrmse_percent'] == validations[-1]
+    assert card['recipe']['patch_size'] == 16 and card['architecture']['channels'] == 8
+    model = load_model(tmp_path)
+    fields, mask = _fields_and_mask(shape=(16, 16, 16), orientations=1)
+    mask[:] = True
+    assert np.isfinite(lpcnn.lpcnn_invert(fields, mask, (1, 1, 1), [0, 0, 1], model, device='cpu')).all()
+
+
+def test_resumed_training_continues_the_step_count_and_matches_an_uninterrupted_run(tmp_path):
+    # Later arguments override TINY_TRAINING's: two orientations exercise a multi-orientation batch.
+    arguments = ['--seed', '2', *TINY_TRAINING, '--validation-patches', '1', '--max-orientations', '2']
+    main(['lpcnn', '--out', str(tmp_path / 'straight'), '--steps', '4', *arguments])
+    main(['lpcnn', '--out', str(tmp_path / 'resumed'), '--steps', '2', *arguments])
+    main(['lpcnn', '--out', str(tmp_path / 'resumed'), '--steps', '4', '--resume',
+          str(tmp_path / 'resumed' / 'checkpoint.pt'), *arguments])
+    checkpoint = torch.load(tmp_path / 'resumed' / 'checkpoint.pt', weights_only=True)
+    assert checkpoint['step'] == 4
+    card = json.loads((tmp_path / 'resumed' / 'model_card.json').read_text())
+    assert card['steps'] == 4
+    assert [(run['first_step'], run['last_step']) for run in card['runs']] == [(0, 2), (2, 4)]
+    straight = torch.load(tmp_path / 'straight' / 'model.pt', weights_only=True)
+    resumed = torch.load(tmp_path / 'resumed' / 'model.pt', weights_only=True)
+    for name, value in straight.items():
+        assert torch.allclose(resumed[name], value, atol=1e-6), name
+
+
+def test_load_model_refuses_weights_that_do_not_match_the_card(tmp_path):
+    main(['lpcnn', '--out', str(tmp_path), '--steps', '1', *TINY_TRAINING, '--validation-patches', '1'])
+    load_model(tmp_path / 'model_card.json')
+    weights = tmp_path / 'model.pt'
+    state = torch.load(weights, weights_only=True)
+    state['step_size'] = state['step_size'] + 1
+    torch.save(state, weights)
+    with pytest.raises(ValueError, match='sha256'):
+        load_model(tmp_path)
