@@ -193,7 +193,7 @@ def build_parser():
     background.add_argument('--mask', required=True)
     background.add_argument('--method', choices=bgremove.BGREMOVE_METHODS, default='vsharp')
     background.add_argument('--b0-dir', nargs=3, type=float, metavar=('X', 'Y', 'Z'),
-                            help='B0 direction in voxel axes, for pdf (default: from the affine)')
+                            help='B0 direction in voxel axes (default: from the affine)')
     background.add_argument('-o', '--output', required=True)
     background.add_argument('--out-mask', help='where to write the mask on which the local field is valid')
     background.set_defaults(run=run_bgremove)

@@ -46,6 +46,10 @@ def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inver
     background = {'BackgroundFieldRemoval': bgremove_method}
     if bgremove_method == 'vsharp':
         background['BackgroundFieldRemovalRadiiMM'] = bgremove.default_radii_mm(series.voxel_size_mm)
+        background['BackgroundFieldRemovalWeight'] = bgremove.VSHARP_WEIGHT
+    else:
+        # The harmonic part of the field that brain sources explain stays in the local field.
+        background['BrainSourceWeight'] = bgremove.BRAIN_SOURCE_WEIGHT
     mask_steps = 'user-supplied mask' if user_mask else 'bias-corrected magnitude, Otsu threshold, erosion, ' \
         'largest component, holes filled'
     if masking == 'two-pass':
