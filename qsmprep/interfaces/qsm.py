@@ -25,6 +25,14 @@ def _save(array, reference, filename, dtype=np.float32):
     return save_like(array, reference, os.path.abspath(filename), dtype)
 
 
+def _weighting_magnitude(path):
+    """The magnitude used as a data weight (echoes combined when 4-D), or None without a file."""
+    if not isdefined(path):
+        return None
+    magnitude = _load(path)[0]
+    return masking.combined_magnitude(magnitude) if magnitude.ndim == 4 else magnitude
+
+
 class _ThreadedInputSpec(BaseInterfaceInputSpec):
     num_threads = traits.Int(1, usedefault=True, desc='threads for the FFTs')
 
@@ -232,11 +240,7 @@ class Invert(_ThreadedInterface):
     def _compute(self):
         local_field, image = _load(self.inputs.local_field)
         mask = _load(self.inputs.mask, bool)[0]
-        magnitude = None
-        if isdefined(self.inputs.magnitude):
-            magnitude = _load(self.inputs.magnitude)[0]
-            if magnitude.ndim == 4:
-                magnitude = masking.combined_magnitude(magnitude)
+        magnitude = _weighting_magnitude(self.inputs.magnitude)
         options = {}
         if self.inputs.method == 'nltv':
             options['phase_scale_rad_per_ppm'] = inversion.phase_scale_rad_per_ppm(
@@ -272,11 +276,7 @@ class SeparateSources(_ThreadedInterface):
         local_field, image = _load(self.inputs.local_field)
         mask = _load(self.inputs.mask, bool)[0]
         r2star = _load(self.inputs.r2star)[0]
-        magnitude = None
-        if isdefined(self.inputs.magnitude):
-            magnitude = _load(self.inputs.magnitude)[0]
-            if magnitude.ndim == 4:
-                magnitude = masking.combined_magnitude(magnitude)
+        magnitude = _weighting_magnitude(self.inputs.magnitude)
         r2prime, _ = chisep.r2prime(r2star, mask=mask)
         chi_paramagnetic, chi_diamagnetic = chisep.chi_separation(
             local_field, r2prime, mask, voxel_size_from_affine(image.affine), self.inputs.b0_dir,

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from qsmprep import __version__
+from qsmprep.cli.parser import _positive_int
 from qsmprep.science import metrics
 
 from .lpcnn import LPCNN, NETWORK_UNITS_PER_PPM, default_device
@@ -38,13 +39,6 @@ CHECKPOINT_NAME, WEIGHTS_NAME = 'checkpoint.pt', 'model.pt'
 CARD_NAME, LOG_NAME = 'model_card.json', 'training_log.jsonl'
 # Arguments that say where and how long to run, not what is trained: not part of the recipe.
 RUN_ARGUMENTS = ('command', 'out', 'steps', 'resume', 'device', 'checkpoint_every', 'log_every')
-
-
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{text} is not a positive integer')
-    return value
 
 
 def _fraction(text):
