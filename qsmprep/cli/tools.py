@@ -33,11 +33,16 @@ def _load(path, ndim=None):
     return data, image
 
 
-def _load_mask(path, reference_image, reference_path):
-    mask, image = _load(path, ndim=(3,))
+def _load_on_grid(path, reference_image, reference_path):
+    """A 3-D image that must share the grid of ``reference_image`` (loaded from ``reference_path``)."""
+    data, image = _load(path, ndim=(3,))
     if not on_same_grid(image, reference_image):
-        raise ToolError(f'{path}: the mask is not on the grid of {reference_path}; resample it first.')
-    return mask > 0
+        raise ToolError(f'{path}: not on the grid of {reference_path}; resample it first.')
+    return data
+
+
+def _load_mask(path, reference_image, reference_path):
+    return _load_on_grid(path, reference_image, reference_path) > 0
 
 
 def _save(array, reference_image, path, dtype=np.float32):
@@ -133,14 +138,8 @@ def run_field(args):
 def run_chisep(args):
     field, image = _load(args.local_field, ndim=(3,))
     mask = _load_mask(args.mask, image, args.local_field)
-    r2star, r2star_image = _load(args.r2star, ndim=(3,))
-    if not on_same_grid(r2star_image, image):
-        raise ToolError(f'{args.r2star}: not on the grid of {args.local_field}; resample it first.')
-    r2 = None
-    if args.r2:
-        r2, r2_image = _load(args.r2, ndim=(3,))
-        if not on_same_grid(r2_image, image):
-            raise ToolError(f'{args.r2}: not on the grid of {args.local_field}; resample it first.')
+    r2star = _load_on_grid(args.r2star, image, args.local_field)
+    r2 = _load_on_grid(args.r2, image, args.local_field) if args.r2 else None
     r2prime, assumption = chisep.r2prime(r2star, r2, mask)
     dr = args.dr if args.dr else chisep.relaxometric_constant(args.field_strength)
     chi_paramagnetic, chi_diamagnetic = chisep.chi_separation(

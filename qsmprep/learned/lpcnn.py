@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qsmprep.science.inversion import CROP_MARGIN_VOXELS
 from qsmprep.science.masking import bounding_box
 from qsmprep.science.physics import dipole_kernel, padded_shape
 
@@ -38,8 +39,6 @@ PAD_FACTOR = 1.5
 INITIAL_STEP_SIZE = 2.0
 # Edge length in voxels of the tiles that the CNN is applied on at inference (memory bound).
 DEFAULT_TILE = 64
-# Margin around the mask's bounding box that the inference keeps (as classical inversions do).
-CROP_MARGIN_VOXELS = 8
 
 
 def default_device():

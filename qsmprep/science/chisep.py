@@ -34,6 +34,7 @@ periodic differences.
 import numpy as np
 import scipy.fft
 
+from .inversion import CROP_MARGIN_VOXELS, laplacian_spectrum, periodic_gradient, periodic_gradient_adjoint
 from .masking import bounding_box
 from .physics import GAMMA_BAR_MHZ_PER_T, dipole_kernel, padded_shape
 
@@ -47,8 +48,6 @@ DR_HZ_PER_PPM_3T = 114.0
 CHISEP_LAMBDA = 3e-3
 CHISEP_ITERATIONS = 60
 CHISEP_TOLERANCE = 3e-3
-# Margin of the mask's bounding box the solver works on, as in inversion.invert.
-CROP_MARGIN_VOXELS = 8
 # ADMM penalties relative to the field term's (1): the TV penalty follows lambda as in
 # inversion.tv_admm; the penalty of the (p, n) >= 0 split only sets the speed of convergence
 # (0.03 converged in half the iterations of 0.1 or 0.3 on the simulations).
@@ -116,34 +115,6 @@ def _omega0(field_strength_t):
     return 2 * np.pi * GAMMA_BAR_MHZ_PER_T * field_strength_t
 
 
-def _gradient(volume, voxel_size):
-    """Forward differences with periodic boundaries, stacked on a new first axis."""
-    gradient = np.empty((3,) + volume.shape, dtype=np.float32)
-    for axis, d in enumerate(voxel_size):
-        np.subtract(np.roll(volume, -1, axis=axis), volume, out=gradient[axis])
-        gradient[axis] *= np.float32(1 / d)
-    return gradient
-
-
-def _gradient_adjoint(gradients, voxel_size):
-    """Adjoint of ``_gradient`` (minus the divergence)."""
-    total = np.zeros(gradients.shape[1:], dtype=np.float32)
-    for axis, d in enumerate(voxel_size):
-        total += (np.roll(gradients[axis], 1, axis=axis) - gradients[axis]) * np.float32(1 / d)
-    return total
-
-
-def _laplacian_spectrum(fft_shape, voxel_size):
-    """Spectrum of grad^T grad on the rfft grid of ``fft_shape``."""
-    total = np.zeros(fft_shape[:-1] + (fft_shape[-1] // 2 + 1,), dtype=np.float32)
-    for axis, (n, d) in enumerate(zip(fft_shape, voxel_size)):
-        index = np.arange(total.shape[axis])
-        view = [1, 1, 1]
-        view[axis] = index.size
-        total += ((2 - 2 * np.cos(2 * np.pi * index / n)) / d ** 2).reshape(view).astype(np.float32)
-    return total
-
-
 def _soft_threshold(values, threshold):
     return values - np.clip(values, -threshold, threshold)
 
@@ -204,7 +175,7 @@ def chisep_admm(local_field_ppm, r2prime_hz, mask, voxel_size, b0_dir, field_str
     # The v step (weighted field term) is a per-voxel average of the data and its target.
     field_data = weight_squared * field
     field_normaliser = 1 / (weight_squared + mu_field)
-    sum_denominator = mu_gradient * _laplacian_spectrum(fft_shape, voxel_size) + mu_nonnegative
+    sum_denominator = mu_gradient * laplacian_spectrum(fft_shape, voxel_size) + mu_nonnegative
     difference_denominator = sum_denominator + 2 * mu_field * kernel ** 2
 
     def irfft(spectrum):
@@ -217,8 +188,8 @@ def chisep_admm(local_field_ppm, r2prime_hz, mask, voxel_size, b0_dir, field_str
     v, dual_v = field.copy(), np.zeros_like(field)
     for _ in range(iterations):
         # (p, n) step: with s = p + n and t = p - n the normal equations decouple in k-space.
-        tv_p = _gradient_adjoint(zp - dual_zp, voxel_size)
-        tv_n = _gradient_adjoint(zn - dual_zn, voxel_size)
+        tv_p = periodic_gradient_adjoint(zp - dual_zp, voxel_size)
+        tv_n = periodic_gradient_adjoint(zn - dual_zn, voxel_size)
         target_p, target_n = yp - dual_yp, yn - dual_yn
         sum_rhs = mu_gradient * (tv_p + tv_n) + mu_nonnegative * (target_p + target_n)
         difference_rhs = mu_gradient * (tv_p - tv_n) + mu_nonnegative * (target_p - target_n)
@@ -232,7 +203,7 @@ def chisep_admm(local_field_ppm, r2prime_hz, mask, voxel_size, b0_dir, field_str
 
         v = (field_data + mu_field * (field_of_chi + dual_v)) * field_normaliser
         dual_v += field_of_chi - v
-        gradient_p, gradient_n = _gradient(p, voxel_size), _gradient(n, voxel_size)
+        gradient_p, gradient_n = periodic_gradient(p, voxel_size), periodic_gradient(n, voxel_size)
         zp = _soft_threshold(gradient_p + dual_zp, lam / mu_gradient)
         zn = _soft_threshold(gradient_n + dual_zn, lam / mu_gradient)
         dual_zp += gradient_p - zp

@@ -80,16 +80,15 @@ def tkd(local_field_ppm, mask, voxel_size, b0_dir, threshold=TKD_THRESHOLD):
     return np.where(mask, chi, 0).astype(np.float32)
 
 
-def _gradient_eigenvalues(fft_shape, voxel_size):
-    """|F grad|^2 summed over axes, on the rfft grid: the spectrum of grad^H grad."""
-    total = 0
+def laplacian_spectrum(fft_shape, voxel_size):
+    """|F grad|^2 summed over axes on the rfft grid of ``fft_shape``: the spectrum of grad^T grad (-Laplacian)."""
+    total = np.zeros(fft_shape[:-1] + (fft_shape[-1] // 2 + 1,), dtype=np.float32)
     for axis, (n, d) in enumerate(zip(fft_shape, voxel_size)):
-        is_last = axis == len(fft_shape) - 1
-        index = np.arange(n // 2 + 1 if is_last else n)
-        view = [1] * 3
+        index = np.arange(total.shape[axis])
+        view = [1, 1, 1]
         view[axis] = index.size
-        total = total + ((2 - 2 * np.cos(2 * np.pi * index / n)) / d ** 2).reshape(view)
-    return total.astype(np.float32)
+        total += ((2 - 2 * np.cos(2 * np.pi * index / n)) / d ** 2).reshape(view).astype(np.float32)
+    return total
 
 
 def _rfft_norm_weights(fft_shape):
@@ -136,7 +135,7 @@ def l2_gradient(local_field_ppm, mask, voxel_size, b0_dir, lam=None, lambdas=L2_
     scale = _rms_scale(field, mask)
     spectrum = scipy.fft.rfftn(field / scale, s=fft_shape)
     kernel = dipole_kernel(fft_shape, voxel_size, b0_dir)
-    gradient_spectrum = _gradient_eigenvalues(fft_shape, voxel_size)
+    gradient_spectrum = laplacian_spectrum(fft_shape, voxel_size)
     if lam is None:
         lam = _l2_gcv_weight(spectrum, kernel, gradient_spectrum, fft_shape, lambdas)
     denominator = kernel ** 2 + lam * gradient_spectrum
@@ -145,14 +144,21 @@ def l2_gradient(local_field_ppm, mask, voxel_size, b0_dir, lam=None, lambdas=L2_
     return np.where(mask, chi, 0).astype(np.float32), lam
 
 
-def _gradient(volume, voxel_size):
-    """Forward differences with periodic boundaries, stacked on a new first axis."""
-    return np.stack([(np.roll(volume, -1, axis=a) - volume) / d for a, d in enumerate(voxel_size)])
+def periodic_gradient(volume, voxel_size):
+    """Forward differences with periodic boundaries, stacked on a new first axis (float32)."""
+    gradient = np.empty((3,) + volume.shape, dtype=np.float32)
+    for axis, d in enumerate(voxel_size):
+        np.subtract(np.roll(volume, -1, axis=axis), volume, out=gradient[axis])
+        gradient[axis] *= np.float32(1 / d)
+    return gradient
 
 
-def _divergence_adjoint(gradients, voxel_size):
-    """Adjoint of ``_gradient`` (minus the divergence)."""
-    return sum((np.roll(g, 1, axis=a) - g) / d for a, (g, d) in enumerate(zip(gradients, voxel_size)))
+def periodic_gradient_adjoint(gradients, voxel_size):
+    """Adjoint of ``periodic_gradient`` (minus the divergence)."""
+    total = np.zeros(gradients.shape[1:], dtype=np.float32)
+    for axis, d in enumerate(voxel_size):
+        total += (np.roll(gradients[axis], 1, axis=axis) - gradients[axis]) * np.float32(1 / d)
+    return total
 
 
 class _WeightedTV:
@@ -170,7 +176,7 @@ class _WeightedTV:
         self.weight_squared = weight ** 2
         self.phase_scale = phase_scale
         self.kernel = dipole_kernel(self.fft_shape, voxel_size, b0_dir)
-        self.gradient_spectrum = _gradient_eigenvalues(self.fft_shape, voxel_size)
+        self.gradient_spectrum = laplacian_spectrum(self.fft_shape, voxel_size)
         self.chi = np.zeros(self.fft_shape, dtype=np.float32)
         self.z = np.zeros((3,) + self.fft_shape, dtype=np.float32)
         self.s = np.zeros_like(self.z)
@@ -211,13 +217,14 @@ class _WeightedTV:
         self.data_gain = (mu_data / (self.weight_squared + mu_data)).astype(np.float32)
         self.data_offset = (self.weight_squared * self.field / (self.weight_squared + mu_data)).astype(np.float32)
         for iteration in range(iterations):
-            chi_spectrum = gradient_factor * scipy.fft.rfftn(_divergence_adjoint(self.z - self.s, self.voxel_size))
+            divergence = periodic_gradient_adjoint(self.z - self.s, self.voxel_size)
+            chi_spectrum = gradient_factor * scipy.fft.rfftn(divergence)
             chi_spectrum += data_factor * scipy.fft.rfftn(self.v - self.t)
             previous = self.chi
             self.chi = self._irfft(chi_spectrum)
             chi_spectrum *= self.kernel
             field_of_chi = self._irfft(chi_spectrum)
-            candidate = _gradient(self.chi, self.voxel_size)
+            candidate = periodic_gradient(self.chi, self.voxel_size)
             candidate += self.s
             self.s = np.clip(candidate, -threshold, threshold)
             self.z = candidate - self.s
