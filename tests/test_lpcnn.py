@@ -15,7 +15,7 @@ from qsmprep.science.physics import DipoleOperator
 
 TINY_MODEL = ['--channels', '8', '--blocks', '2']
 # Noise-free single-orientation shapes: a problem on which a tiny model visibly learns in 30 steps.
-TINY_TRAINING = ['--patch-size', '16', '--batch-size', '2', *TINY_MODEL, '--validation-patches', '6',
+TINY_TRAINING = ['--patch-size', '16', '--validation-patch-size', '16', '--batch-size', '2', *TINY_MODEL, '--validation-patches', '6',
                  '--brain-fraction', '0', '--noise-max-ppm', '0', '--background-max-ppm', '0',
                  '--max-orientations', '1', '--learning-rate', '1e-3', '--log-every', '1']
 OBLIQUE = np.array([[0.2, -0.3, 0.93], [0.6, 0.1, 0.7]])
@@ -132,7 +132,7 @@ def test_a_few_training_steps_lower_the_validation_error_and_the_card_describes_
     assert card['steps'] == 30 and card['generator'] == {
         'version': simulate.GENERATOR_VERSION, 'seed': 1, 'config': card['generator']['config']}
     assert card['validation']['nrmse_percent'] == validations[-1]
-    assert card['recipe']['patch_size'] == 16 and card['architecture']['channels'] == 8
+    assert card['runs'][0]['patch_size'] == 16 and card['architecture']['channels'] == 8
     model = load_model(tmp_path)
     fields, mask = _fields_and_mask(shape=(16, 16, 16), orientations=1)
     mask[:] = True
