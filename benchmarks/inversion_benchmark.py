@@ -1,4 +1,4 @@
-"""Every dipole inversion method on the 2016 QSM challenge in-vivo data and on a simulated head.
+"""Every dipole inversion method on the 2016 QSM challenge in-vivo data and on simulated heads.
 
     python benchmarks/inversion_benchmark.py --out benchmarks/INVERSION.md
 
@@ -7,10 +7,16 @@ script ran on the challenge data, and nothing here feeds back into them. The pub
 reconstructions in ``published/`` are scored by the same code: they are stored flipped along
 array axis 1, and QSMnet/QSMnet+ are zero-padded to 164x173x173 with the challenge grid at
 offset (2, 6, 6) after the flip (the data's README). Each qsmprep method runs in a child
-process so that its peak memory is its own.
+process so that its peak memory is its own; LP-CNN (the shipped model) runs on the CPU with
+two threads unless ``--device cuda``.
+
+The multi-orientation section simulates one head fixed on its voxel grid under several B0
+directions, as registered multi-orientation data arrive, and compares TV on the first
+orientation with LP-CNN given the first one, two and three.
 """
 import argparse
 import multiprocessing
+import platform
 import resource
 import sys
 import time
@@ -20,11 +26,12 @@ import nibabel as nib
 import numpy as np
 import scipy.fft
 import scipy.io
+from scipy.spatial.transform import Rotation
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.simulate_bids import (ECHO_TIMES_S, FIELD_STRENGTH_T, head_phantom, simulate_megre,  # noqa: E402
-                                      tilted_affine)
+from benchmarks.simulate_bids import (CHI_AIR, ECHO_TIMES_S, FIELD_STRENGTH_T, head_phantom,  # noqa: E402
+                                      simulate_megre, tilted_affine, voxel_averaged_field)
 from qsmprep.science import bgremove, inversion, masking, metrics  # noqa: E402
 
 PUBLISHED = {'CFL2': None, 'QSMnet': (2, 6, 6), 'QSMnet+': (2, 6, 6)}
@@ -32,6 +39,10 @@ PUBLISHED = {'CFL2': None, 'QSMnet': (2, 6, 6), 'QSMnet+': (2, 6, 6)}
 CHALLENGE_ECHO_TIME_S = 0.025
 CHALLENGE_FIELD_STRENGTH_T = 2.8936
 SIMULATED_TILT_DEG = 18.0
+# Head rotations (rotation vectors in degrees, scanner axes) of the multi-orientation section:
+# the first is the single-orientation head's tilt; the others are as far from it as a head turns
+# in a head coil (20 to 30 degrees).
+ORIENTATION_ROTATIONS_DEG = ((SIMULATED_TILT_DEG, 0, 0), (-10, 25, 0), (5, -20, 15))
 
 
 def load_challenge(data_dir):
@@ -55,7 +66,7 @@ def simulated_head(voxel_size_mm=1.0, tilt_deg=SIMULATED_TILT_DEG):
     affine = tilted_affine(affine, tilt_deg)
     megre = simulate_megre(phantom, affine)
     voxel_size = (voxel_size_mm,) * 3
-    local_field, mask = bgremove.vsharp(megre['total_field'], phantom['brain_mask'], voxel_size)
+    local_field, mask = bgremove.vsharp(megre['total_field'], phantom['brain_mask'], voxel_size, megre['b0_dir'])
     return {
         'local_field': local_field, 'mask': mask, 'reference': np.where(mask, phantom['chi'], 0),
         'magnitude': masking.combined_magnitude(megre['magnitude']), 'voxel_size': voxel_size,
@@ -72,23 +83,33 @@ def published_result(data_dir, name, offset, shape):
     return volume
 
 
-def _run_method(method, data, queue):
+def _invert(method, data, device):
+    if method == 'lpcnn':
+        import torch
+        from qsmprep.learned.models import invert_with_shipped_lpcnn
+        torch.set_num_threads(2)
+        fields = data.get('local_fields', [data['local_field']])
+        b0_dirs = data.get('b0_dirs', [data['b0_dir']])
+        return invert_with_shipped_lpcnn(fields, data['mask'], data['voxel_size'], b0_dirs, device=device)
     options = {'phase_scale_rad_per_ppm': data['phase_scale']} if method == 'nltv' else {}
+    return inversion.invert(data['local_field'], data['mask'], data['voxel_size'], data['b0_dir'], method=method,
+                            magnitude=data['magnitude'] if method in ('tv', 'nltv') else None, **options)
+
+
+def _run_method(method, data, device, queue):
     with scipy.fft.set_workers(2):
         started = time.time()
-        chi, parameters = inversion.invert(
-            data['local_field'], data['mask'], data['voxel_size'], data['b0_dir'], method=method,
-            magnitude=data['magnitude'] if method in ('tv', 'nltv') else None, **options)
+        chi, parameters = _invert(method, data, device)
         seconds = time.time() - started
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     queue.put((chi, parameters, seconds, peak_gb))
 
 
-def run_method(method, data):
+def run_method(method, data, device='cpu'):
     """chi, chosen parameters, seconds and the child's peak resident memory (GB, data included)."""
     context = multiprocessing.get_context('fork')
     queue = context.Queue()
-    process = context.Process(target=_run_method, args=(method, data, queue))
+    process = context.Process(target=_run_method, args=(method, data, device, queue))
     process.start()
     result = queue.get()
     process.join()
@@ -118,41 +139,89 @@ def table(rows, with_chi33):
     return lines
 
 
-def method_rows(data):
+def _chosen(parameters):
+    """The table's ``weight`` column: what the method chose, or the model's training steps."""
+    if 'ModelTrainingSteps' in parameters:
+        return f'model of {parameters["ModelTrainingSteps"]} steps'
+    return f'{parameters.get("RegularizationWeight", parameters.get("TKDThreshold")):.3g}'
+
+
+def method_rows(data, methods, device):
     rows = []
-    for method in inversion.INVERSION_METHODS:
-        chi, parameters, seconds, peak_gb = run_method(method, data)
-        weight = parameters.get('RegularizationWeight', parameters.get('TKDThreshold'))
-        rows.append((f'qsmprep {method}', scores(chi, data), f'{weight:.3g}', f'{seconds:.1f}', f'{peak_gb:.2f}'))
+    for method in methods:
+        chi, parameters, seconds, peak_gb = run_method(method, data, device)
+        rows.append((f'qsmprep {method}', scores(chi, data), _chosen(parameters), f'{seconds:.1f}', f'{peak_gb:.2f}'))
         print(rows[-1], flush=True)
     return rows
+
+
+def multi_orientation_head(voxel_size_mm=1.0):
+    """The simulated head under the B0 directions of ``ORIENTATION_ROTATIONS_DEG``, on one grid."""
+    phantom, affine = head_phantom(voxel_size_mm)
+    voxel_size = (voxel_size_mm,) * 3
+    rotation_part = affine[:3, :3] / voxel_size_mm
+    fields, b0_dirs = [], []
+    for degrees in ORIENTATION_ROTATIONS_DEG:
+        # The head rotates by R in the scanner, so B0 seen from the head turns by R^T.
+        head_rotation = Rotation.from_rotvec(np.deg2rad(degrees)).as_matrix()
+        b0_dir = rotation_part.T @ head_rotation.T @ np.array([0.0, 0.0, 1.0])
+        total_field = voxel_averaged_field(phantom['chi'] - CHI_AIR, voxel_size, b0_dir)
+        local_field, mask = bgremove.vsharp(total_field, phantom['brain_mask'], voxel_size, b0_dir)
+        fields.append(local_field)
+        b0_dirs.append(b0_dir)
+    return {'local_fields': fields, 'b0_dirs': b0_dirs, 'local_field': fields[0], 'b0_dir': b0_dirs[0],
+            'mask': mask, 'reference': np.where(mask, phantom['chi'], 0), 'voxel_size': voxel_size,
+            'magnitude': None}
+
+
+def orientation_rows(data, device):
+    chi, parameters, seconds, peak_gb = run_method('tv', data)
+    rows = [('qsmprep tv, 1 orientation', scores(chi, data), _chosen(parameters), f'{seconds:.1f}', f'{peak_gb:.2f}')]
+    for count in range(1, len(data['local_fields']) + 1):
+        subset = {**data, 'local_fields': data['local_fields'][:count], 'b0_dirs': data['b0_dirs'][:count]}
+        chi, parameters, seconds, peak_gb = run_method('lpcnn', subset, device)
+        rows.append((f'qsmprep lpcnn, {count} orientation{"s" if count > 1 else ""}', scores(chi, data),
+                     _chosen(parameters), f'{seconds:.1f}', f'{peak_gb:.2f}'))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _device_name(device):
+    if device == 'cuda':
+        import torch
+        return torch.cuda.get_device_name(0)
+    return f'{platform.machine()}, 2 threads'
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data', type=Path, default=Path(__file__).resolve().parents[2] / 'shared' / 'benchmarks' / 'qsm2016')
     parser.add_argument('--out', type=Path, default=Path('benchmarks/INVERSION.md'))
+    parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='where LP-CNN runs')
     args = parser.parse_args()
+    methods = inversion.INVERSION_METHODS + ('lpcnn',)
 
     challenge = load_challenge(args.data)
-    challenge_rows = method_rows(challenge)
+    challenge_rows = method_rows(challenge, methods, args.device)
     for name, offset in PUBLISHED.items():
         chi = published_result(args.data, name, offset, challenge['mask'].shape)
         challenge_rows.append((f'published {name}', scores(chi, challenge), '', '', ''))
-    simulated_rows = method_rows(simulated_head())
+    simulated_rows = method_rows(simulated_head(), methods, args.device)
+    orientations = orientation_rows(multi_orientation_head(), args.device)
 
     lines = [
         '# Dipole inversion: every method on the same data',
         '',
         'Made on this 2-core machine by:',
         '',
-        f'    python benchmarks/inversion_benchmark.py --out {args.out}',
+        f'    python benchmarks/inversion_benchmark.py --out {args.out} --device {args.device}',
         '',
         'Metrics as CONVENTIONS.md defines them, both maps referenced to their mean over the mask;',
         'dNRMSE is the NRMSE after the best linear rescaling of the estimate (QSM challenge 2.0).',
         '`weight` is the regularisation weight each method chose by its own rule (relative to the',
-        'field scaled to unit RMS; GCV for L2, 0.4 times that for TV), or the TKD threshold. Seconds and',
-        'peak memory (resident set of the child process, data included) are for the inversion alone.',
+        'field scaled to unit RMS; GCV for L2, 0.4 times that for TV), the TKD threshold, or the training',
+        'steps of the shipped LP-CNN. Seconds and peak memory (resident set of the child process, data',
+        f'included) are for the inversion alone; LP-CNN ran on {args.device} ({_device_name(args.device)}).',
         '',
         '## 2016 QSM challenge, in vivo, against the 12-orientation COSMOS',
         '',
@@ -167,6 +236,14 @@ def main():
         'total field, scored over the V-SHARP mask.',
         '',
         *table(simulated_rows, with_chi33=False),
+        '',
+        '## Simulated 1 mm head under several B0 directions, against the true susceptibility',
+        '',
+        'The same head fixed on its grid, B0 turned by the head rotations (degrees, rotation vectors)',
+        f'{", ".join(str(r) for r in ORIENTATION_ROTATIONS_DEG)}; local fields from V-SHARP of each true',
+        'total field, scored over the V-SHARP mask. TV sees the first orientation; LP-CNN the first 1, 2, 3.',
+        '',
+        *table(orientations, with_chi33=False),
     ]
     args.out.write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))

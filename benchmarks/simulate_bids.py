@@ -101,7 +101,7 @@ def head_phantom(voxel_size_mm=1.0, seed=0):
     """Arrays of one simulated head on an isotropic grid (MNI orientation) and its affine.
 
     Keys: chi (ppm, air and bone included), brain_mask, head_mask, m0, r1, r2star (1/s),
-    phase_offset (rad).
+    phase_offset (rad), wm_fraction (white matter's share of each brain voxel).
     """
     rng = np.random.default_rng(seed)
     maps, affine = load_mni_maps(voxel_size_mm)
@@ -156,6 +156,7 @@ def head_phantom(voxel_size_mm=1.0, seed=0):
         'chi': chi.astype(np.float32), 'brain_mask': brain, 'head_mask': head & ~air,
         'm0': (m0 * bias).astype(np.float32), 'r1': r1.astype(np.float32),
         'r2star': r2star.astype(np.float32), 'phase_offset': phase_offset.astype(np.float32),
+        'wm_fraction': wm_fraction.astype(np.float32),
     }, affine
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from qsmprep.learned import lpcnn, simulate
-from qsmprep.learned.train import load_model, main
+from qsmprep.learned.models import load_model
+from qsmprep.learned.train import main
 from qsmprep.science.physics import DipoleOperator
 
 TINY_MODEL = ['--channels', '8', '--blocks', '2']
@@ -166,3 +167,25 @@ def test_load_model_refuses_weights_that_do_not_match_the_card(tmp_path):
     torch.save(state, weights)
     with pytest.raises(ValueError, match='sha256'):
         load_model(tmp_path)
+
+
+def test_shipped_model_matches_its_card_and_beats_tkd_on_held_out_simulations():
+    from qsmprep.learned import models
+    from qsmprep.science import inversion, metrics
+
+    card, _ = models.read_card(models.SHIPPED_LPCNN)
+    assert card['weights']['sha256'] == models.sha256_of(models.SHIPPED_LPCNN / card['weights']['file'])
+    assert card['generator']['version'] == simulate.GENERATOR_VERSION
+    # Brain-like patches from a seed training never uses (training seeds are small integers).
+    config = simulate.SimulationConfig(brain_fraction=1.0)
+    rng = np.random.default_rng(20261122)
+    learned_scores, tkd_scores = [], []
+    for _ in range(2):
+        sample = simulate.simulate_sample(rng, 48, 1, config)
+        chi, description = models.invert_with_shipped_lpcnn(list(sample.local_fields_ppm), sample.mask, sample.voxel_size,
+                                                            sample.b0_dirs, device='cpu')
+        assert description['ModelSha256'] == card['weights']['sha256']
+        learned_scores.append(metrics.nrmse(chi, sample.chi_ppm, sample.mask))
+        tkd = inversion.tkd(sample.local_fields_ppm[0], sample.mask, sample.voxel_size, sample.b0_dirs[0])
+        tkd_scores.append(metrics.nrmse(tkd, sample.chi_ppm, sample.mask))
+    assert np.mean(learned_scores) < np.mean(tkd_scores) - 5, (learned_scores, tkd_scores)

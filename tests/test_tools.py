@@ -97,3 +97,28 @@ def test_a_mask_on_another_grid_is_one_clear_message(files, tmp_path, run_tool):
     result = run_tool('invert', files['local_field'], '--mask', small, '-o', tmp_path / 'chi.nii.gz')
     assert result.returncode == 1
     assert str(small) in result.stderr and 'grid' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_lpcnn_takes_several_orientations_of_one_grid(files, head, run_tool, tmp_path):
+    pytest.importorskip('torch')
+    from qsmprep.science.physics import DipoleOperator, b0_direction_from_affine
+
+    # A second orientation of the same head: B0 turned 25 degrees from the first.
+    first = b0_direction_from_affine(head.affine)
+    second = np.array([np.sin(np.deg2rad(25)), 0.0, np.cos(np.deg2rad(25))])
+    second_field = tmp_path / 'local_field_2.nii.gz'
+    field = DipoleOperator(head.chi.shape, head.voxel_size, second).forward(head.chi)
+    nib.Nifti1Image(np.where(head.brain, field, 0).astype(np.float32), head.affine).to_filename(second_field)
+    out = tmp_path / 'chi_lpcnn.nii.gz'
+    result = run_tool('invert', files['local_field'], second_field, '--mask', files['brain'], '--method', 'lpcnn',
+                      '--b0-dir', *first, '--b0-dir', *second, '-o', out)
+    assert result.returncode == 0, result.stderr
+    assert '2 orientation(s)' in result.stdout
+    assert metrics.correlation(load(out), head.chi, head.brain) > 0.7
+
+    result = run_tool('invert', files['local_field'], second_field, '--mask', files['brain'], '--method', 'lpcnn',
+                      '--b0-dir', *first, '-o', out)
+    assert result.returncode == 1 and '--b0-dir was given 1 times for 2 local fields' in result.stderr
+    result = run_tool('invert', files['local_field'], second_field, '--mask', files['brain'], '--method', 'tv',
+                      '-o', out)
+    assert result.returncode == 1 and 'several orientations need' in result.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..bids import InputError, check_user_mask, collect_megre_series
+from ..learned import LEARNED_INVERSION_METHODS, missing_torch_message
 from .parser import build_parser
 
 logger = logging.getLogger('qsmprep')
@@ -89,6 +90,8 @@ def main(argv=None):
         return _fail(f'{args.output_dir}: the output folder is the input dataset; write derivatives elsewhere, '
                      f'e.g. {args.bids_dir / "derivatives" / "qsmprep"}.')
     omp_nthreads = args.omp_nthreads or args.nprocs
+    if args.inversion in LEARNED_INVERSION_METHODS and missing_torch_message(args.inversion):
+        return _fail(missing_torch_message(args.inversion), code=2)
     try:
         series_list, errors = collect_megre_series(
             args.bids_dir, args.participant_label, args.session_label, validate=not args.skip_bids_validation,

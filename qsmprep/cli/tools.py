@@ -11,6 +11,7 @@ import numpy as np
 import scipy.fft
 
 from .. import __version__
+from ..learned import LEARNED_INVERSION_METHODS, missing_torch_message
 from ..nifti import on_same_grid, save_like
 from ..science import bgremove, chisep, echofit, inversion, masking, unwrap
 from ..science.physics import b0_direction_from_affine, voxel_size_from_affine
@@ -49,13 +50,17 @@ def _save(array, reference_image, path, dtype=np.float32):
     print(f'wrote {save_like(array, reference_image, path, dtype)}')
 
 
-def _b0_dir(args, image):
-    if args.b0_dir is None:
-        return b0_direction_from_affine(image.affine)
-    b0_dir = np.asarray(args.b0_dir, dtype=float)
+def _unit_b0_dir(vector):
+    b0_dir = np.asarray(vector, dtype=float)
     if np.linalg.norm(b0_dir) == 0:
         raise ToolError('--b0-dir: the B0 direction cannot be (0, 0, 0).')
     return b0_dir / np.linalg.norm(b0_dir)
+
+
+def _b0_dir(args, image):
+    if args.b0_dir is None:
+        return b0_direction_from_affine(image.affine)
+    return _unit_b0_dir(args.b0_dir)
 
 
 def _echo_times(args, count, path):
@@ -67,9 +72,40 @@ def _echo_times(args, count, path):
     return echo_times
 
 
+def _orientation_b0_dirs(args, images):
+    """One B0 direction per local field: from ``--b0-dir`` (given once per field) or each field's affine."""
+    if args.b0_dir is None:
+        return [b0_direction_from_affine(image.affine) for image in images]
+    if len(args.b0_dir) != len(images):
+        raise ToolError(f'--b0-dir was given {len(args.b0_dir)} times for {len(images)} local fields; give it once '
+                        'per field, in the same order, or leave it out to read each from its header.')
+    return [_unit_b0_dir(vector) for vector in args.b0_dir]
+
+
 def run_invert(args):
-    field, image = _load(args.local_field, ndim=(3,))
-    mask = _load_mask(args.mask, image, args.local_field)
+    if len(args.local_fields) > 1 and args.method not in LEARNED_INVERSION_METHODS:
+        raise ToolError(f'--method {args.method} inverts one local field; several orientations need '
+                        f'--method {" or ".join(LEARNED_INVERSION_METHODS)}.')
+    field, image = _load(args.local_fields[0], ndim=(3,))
+    mask = _load_mask(args.mask, image, args.local_fields[0])
+    if args.method in LEARNED_INVERSION_METHODS:
+        if missing_torch_message(args.method):
+            raise ToolError(missing_torch_message(args.method).replace('--inversion', '--method'))
+        fields, images = [field], [image]
+        for path in args.local_fields[1:]:
+            other, other_image = _load(path, ndim=(3,))
+            if not on_same_grid(other_image, image):
+                raise ToolError(f'{path}: not on the grid of {args.local_fields[0]}; register and resample every '
+                                'orientation to one grid first.')
+            fields.append(other)
+            images.append(other_image)
+        from ..learned.models import invert_with_shipped_lpcnn
+        chi, parameters = invert_with_shipped_lpcnn(fields, mask, voxel_size_from_affine(image.affine),
+                                                    _orientation_b0_dirs(args, images))
+        print(f'LP-CNN ({parameters["ModelTrainingSteps"]} training steps, sha256 {parameters["ModelSha256"][:12]}) '
+              f'on {len(fields)} orientation(s)')
+        _save(inversion.reference_to_mask_mean(chi, mask), image, args.output)
+        return
     magnitude = None
     if args.magnitude:
         magnitude, _ = _load(args.magnitude, ndim=(3, 4))
@@ -80,8 +116,9 @@ def run_invert(args):
             raise ToolError('--method nltv: give --echo-times (seconds) and --field-strength (tesla); the '
                             'nonlinear data term needs the field as phase.')
         options['phase_scale_rad_per_ppm'] = inversion.phase_scale_rad_per_ppm(
-            _echo_times(args, len(args.echo_times), args.local_field), args.field_strength)
-    chi, parameters = inversion.invert(field, mask, voxel_size_from_affine(image.affine), _b0_dir(args, image),
+            _echo_times(args, len(args.echo_times), args.local_fields[0]), args.field_strength)
+    b0_dir = _orientation_b0_dirs(args, [image])[0]
+    chi, parameters = inversion.invert(field, mask, voxel_size_from_affine(image.affine), b0_dir,
                                        method=args.method, magnitude=magnitude, **options)
     for key, value in parameters.items():
         print(f'{key}: {value:.4g}')
@@ -175,12 +212,15 @@ def build_parser():
     commands = parser.add_subparsers(dest='command', required=True)
 
     invert = commands.add_parser('invert', help='local field (ppm) to susceptibility (ppm)')
-    invert.add_argument('local_field')
+    invert.add_argument('local_fields', nargs='+', metavar='local_field',
+                        help='one local field; with --method lpcnn, one per head orientation, all on one grid')
     invert.add_argument('--mask', required=True)
-    invert.add_argument('--method', choices=inversion.INVERSION_METHODS, default=inversion.DEFAULT_INVERSION)
+    invert.add_argument('--method', choices=inversion.INVERSION_METHODS + LEARNED_INVERSION_METHODS,
+                        default=inversion.DEFAULT_INVERSION)
     invert.add_argument('--magnitude', help='magnitude for the data weighting (3-D, or 4-D combined over echoes)')
-    invert.add_argument('--b0-dir', nargs=3, type=float, metavar=('X', 'Y', 'Z'),
-                        help='B0 direction in voxel axes (default: from the affine)')
+    invert.add_argument('--b0-dir', nargs=3, type=float, metavar=('X', 'Y', 'Z'), action='append',
+                        help='B0 direction in voxel axes, once per local field in their order '
+                             '(default: from each field\'s affine)')
     invert.add_argument('--echo-times', nargs='+', type=float, default=[], metavar='SECONDS',
                         help='for nltv: the echo times the field was fitted from')
     invert.add_argument('--field-strength', type=float, metavar='TESLA', help='for nltv')

@@ -4,5 +4,20 @@
 - ``phantoms`` and ``simulate``: seeded, versioned training samples simulated on the fly.
 - ``train``: ``qsmprep-train lpcnn``, its checkpoints and model card, and ``load_model``.
 
-Nothing here is imported by the rest of qsmprep, so the classical pipeline runs without torch.
+- ``models``: the shipped LP-CNN, its card and ``load_model``.
+
+Nothing here but this module is imported by the rest of qsmprep before a learned method is
+chosen, so the classical pipeline runs without torch.
 """
+import importlib.util
+
+LEARNED_INVERSION_METHODS = ('lpcnn',)
+
+
+def missing_torch_message(method):
+    """Why ``method`` cannot run here, or None when torch is installed."""
+    if importlib.util.find_spec('torch') is not None:
+        return None
+    return (f'--inversion {method} needs PyTorch, which is not installed; install qsmprep with its learned '
+            f'extra (pip install torch==2.13.0 "qsmprep[learned]"), use the qsmprep container image, or '
+            f'choose a classical method')

@@ -1,4 +1,4 @@
-"""``qsmprep-train lpcnn``: train LP-CNN on samples simulated on the fly; ``load_model`` for inference.
+"""``qsmprep-train lpcnn``: train LP-CNN on samples simulated on the fly.
 
     qsmprep-train lpcnn --out DIR [--steps N] [--patch-size P] [--batch-size B] [--seed S]
                         [--device auto|cpu|cuda] [--resume DIR/checkpoint.pt] ...
@@ -23,7 +23,6 @@ with the checkpoint, weights and card written, so it can be resumed or shipped a
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -37,13 +36,13 @@ import torch
 
 from qsmprep import __version__
 from qsmprep.cli.parser import _positive_int
-from qsmprep.science import metrics
+from qsmprep.science import inversion, metrics
 
 from .lpcnn import LPCNN, NETWORK_UNITS_PER_PPM, default_device
+from .models import CARD_NAME, CHECKPOINT_NAME, WEIGHTS_NAME, sha256_of
 from .simulate import GENERATOR_VERSION, VALIDATION_STREAM, SimulationConfig, simulate_batch
 
-CHECKPOINT_NAME, WEIGHTS_NAME = 'checkpoint.pt', 'model.pt'
-CARD_NAME, LOG_NAME = 'model_card.json', 'training_log.jsonl'
+LOG_NAME = 'training_log.jsonl'
 # Arguments that say where and how long to run, not what is trained: not part of the recipe.
 RUN_ARGUMENTS = ('command', 'out', 'steps', 'resume', 'device', 'checkpoint_every', 'log_every')
 SCHEDULE_ARGUMENTS = ('patch_size', 'batch_size', 'learning_rate')
@@ -168,6 +167,12 @@ def validate(model, samples, device, loss_kind):
     return {'validation_loss': float(np.mean(losses)), 'validation_nrmse': float(np.mean(scores))}
 
 
+def tkd_validation_nrmse(samples):
+    """Mean NRMSE (percent) of TKD on the first orientation of each held-out sample: the card's baseline."""
+    return float(np.mean([metrics.nrmse(inversion.tkd(s.local_fields_ppm[0], s.mask, s.voxel_size, s.b0_dirs[0]),
+                                        s.chi_ppm, s.mask) for s in samples]))
+
+
 def _hardware(device):
     description = {'device': device.type, 'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
                    'torch': str(torch.__version__), 'python': platform.python_version(), 'platform': platform.platform()}
@@ -184,14 +189,6 @@ def _save_atomically(content, path):
     partial = path.with_name(path.name + '.partial')
     torch.save(content, partial)
     os.replace(partial, path)
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as stream:
-        for block in iter(lambda: stream.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _restore_recipe(args, checkpoint):
@@ -299,35 +296,13 @@ def train_lpcnn(args):
         'steps': step,
         'wall_time_s': sum(run['wall_time_s'] for run in runs),
         'runs': runs,
-        'validation': {'patches': len(validation), 'nrmse_percent': scores['validation_nrmse'],
-                       'loss': scores['validation_loss']},
+        'validation': {'patches': len(validation), 'patch_size': recipe['validation_patch_size'],
+                       'nrmse_percent': scores['validation_nrmse'], 'loss': scores['validation_loss'],
+                       'tkd_nrmse_percent': tkd_validation_nrmse(validation)},
         'weights': {'file': WEIGHTS_NAME, 'sha256': sha256_of(out / WEIGHTS_NAME)},
     }
     (out / CARD_NAME).write_text(json.dumps(card, indent=2) + '\n')
     return card
-
-
-def load_model(path):
-    """The LP-CNN of a model card (its path or its folder), in eval mode on the CPU.
-
-    The weights file must have the sha256 that the card records: a model is only used as it
-    was trained and described.
-    """
-    card_path = Path(path)
-    if card_path.is_dir():
-        card_path = card_path / CARD_NAME
-    card = json.loads(card_path.read_text())
-    weights_path = card_path.parent / card['weights']['file']
-    actual = sha256_of(weights_path)
-    if actual != card['weights']['sha256']:
-        raise ValueError(f'{weights_path}: sha256 {actual} differs from {card["weights"]["sha256"]} in {card_path}; '
-                         'the weights were changed or damaged, copy them again together with their card')
-    if card['network_units_per_ppm'] != NETWORK_UNITS_PER_PPM:
-        raise ValueError(f'{card_path}: the model works in {card["network_units_per_ppm"]} units per ppm, this '
-                         f'qsmprep in {NETWORK_UNITS_PER_PPM}; use the qsmprep version that trained it')
-    model = LPCNN(**card['architecture'])
-    model.load_state_dict(torch.load(weights_path, map_location='cpu', weights_only=True))
-    return model.eval()
 
 
 def main(argv=None):

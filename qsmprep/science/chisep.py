@@ -115,10 +115,6 @@ def _omega0(field_strength_t):
     return 2 * np.pi * GAMMA_BAR_MHZ_PER_T * field_strength_t
 
 
-def _soft_threshold(values, threshold):
-    return values - np.clip(values, -threshold, threshold)
-
-
 class _NonnegativeProx:
     """Per voxel: argmin over p, n >= 0 of weight/2 (p + n - target)^2 + penalty/2 |(p, n) - (p0, n0)|^2.
 
@@ -167,52 +163,82 @@ def chisep_admm(local_field_ppm, r2prime_hz, mask, voxel_size, b0_dir, field_str
         weight = np.where(mask, magnitude / max(float(magnitude[mask].mean()), 1e-12), 0).astype(np.float32)
     weight_squared = np.pad(weight, pad) ** 2
     r2prime_weight = np.float32((dr_hz_per_ppm / _omega0(field_strength_t)) ** 2) * weight_squared
-    support = np.pad(mask, pad)
 
     kernel = dipole_kernel(fft_shape, voxel_size, b0_dir)
     mu_field, mu_gradient, mu_nonnegative = 1.0, TV_PENALTY_PER_LAMBDA * lam, NONNEGATIVE_PENALTY
-    nonnegative_prox = _NonnegativeProx(chi_sum, r2prime_weight, np.float32(mu_nonnegative))
+    # The y split holds the constraints: 0 outside the mask, so its step only visits the mask.
+    support = np.flatnonzero(np.pad(mask, pad))
+    nonnegative_prox = _NonnegativeProx(chi_sum.ravel()[support], r2prime_weight.ravel()[support],
+                                        np.float32(mu_nonnegative))
     # The v step (weighted field term) is a per-voxel average of the data and its target.
     field_data = weight_squared * field
     field_normaliser = 1 / (weight_squared + mu_field)
     sum_denominator = mu_gradient * laplacian_spectrum(fft_shape, voxel_size) + mu_nonnegative
-    difference_denominator = sum_denominator + 2 * mu_field * kernel ** 2
+    inverse_sum_denominator = (1 / sum_denominator).astype(np.float32)
+    inverse_difference_denominator = (1 / (sum_denominator + 2 * mu_field * kernel ** 2)).astype(np.float32)
+    field_kernel = (2 * mu_field * kernel).astype(np.float32)
+    threshold = np.float32(lam / mu_gradient)
 
-    def irfft(spectrum):
-        return scipy.fft.irfftn(spectrum, s=fft_shape).astype(np.float32, copy=False)
-
-    # Primal (p, n), their splits and the scaled dual variables of each split.
+    # Scaled ADMM: each split s of a value a (v of D (p - n), z of grad p and grad n, y of (p, n))
+    # has a dual u. The (p, n) step only needs s - u, and the split step, with w = a + u, gives
+    # s = prox(w) and the new u = w - s, so s - u = 2 s - w: each split keeps its dual and s - u,
+    # updated in place (the gradients are 3 volumes each, whose temporaries cost as much as the
+    # arithmetic).
     p, n = np.zeros(fft_shape, dtype=np.float32), np.zeros(fft_shape, dtype=np.float32)
-    yp, yn, dual_yp, dual_yn = (np.zeros_like(p) for _ in range(4))
-    zp, zn, dual_zp, dual_zn = (np.zeros((3,) + fft_shape, dtype=np.float32) for _ in range(4))
-    v, dual_v = field.copy(), np.zeros_like(field)
+    yp, yn, dual_yp, dual_yn, yp_less_dual, yn_less_dual = (np.zeros_like(p) for _ in range(6))
+    dual_zp, dual_zn, zp_less_dual, zn_less_dual = (np.zeros((3,) + fft_shape, dtype=np.float32)
+                                                    for _ in range(4))
+    dual_v, v_less_dual = np.zeros_like(field), field.copy()
     for _ in range(iterations):
         # (p, n) step: with s = p + n and t = p - n the normal equations decouple in k-space.
-        tv_p = periodic_gradient_adjoint(zp - dual_zp, voxel_size)
-        tv_n = periodic_gradient_adjoint(zn - dual_zn, voxel_size)
-        target_p, target_n = yp - dual_yp, yn - dual_yn
-        sum_rhs = mu_gradient * (tv_p + tv_n) + mu_nonnegative * (target_p + target_n)
-        difference_rhs = mu_gradient * (tv_p - tv_n) + mu_nonnegative * (target_p - target_n)
-        total = irfft(scipy.fft.rfftn(sum_rhs) / sum_denominator)
-        difference_spectrum = (scipy.fft.rfftn(difference_rhs)
-                               + 2 * mu_field * kernel * scipy.fft.rfftn(v - dual_v)) / difference_denominator
-        difference = irfft(difference_spectrum)
-        field_of_chi = irfft(kernel * difference_spectrum)
+        tv_p = periodic_gradient_adjoint(zp_less_dual, voxel_size)
+        tv_n = periodic_gradient_adjoint(zn_less_dual, voxel_size)
+        sum_rhs = tv_p + tv_n
+        sum_rhs *= np.float32(mu_gradient)
+        sum_rhs += np.float32(mu_nonnegative) * (yp_less_dual + yn_less_dual)
+        difference_rhs = tv_p
+        difference_rhs -= tv_n
+        difference_rhs *= np.float32(mu_gradient)
+        difference_rhs += np.float32(mu_nonnegative) * (yp_less_dual - yn_less_dual)
+        sum_spectrum = scipy.fft.rfftn(sum_rhs)
+        sum_spectrum *= inverse_sum_denominator
+        total = scipy.fft.irfftn(sum_spectrum, s=fft_shape, overwrite_x=True)
+        difference_spectrum = scipy.fft.rfftn(difference_rhs)
+        field_spectrum = scipy.fft.rfftn(v_less_dual)
+        field_spectrum *= field_kernel
+        difference_spectrum += field_spectrum
+        difference_spectrum *= inverse_difference_denominator
+        difference = scipy.fft.irfftn(difference_spectrum, s=fft_shape)
+        difference_spectrum *= kernel
+        field_of_chi = scipy.fft.irfftn(difference_spectrum, s=fft_shape, overwrite_x=True)
         previous_p, previous_n = p, n
-        p, n = 0.5 * (total + difference), 0.5 * (total - difference)
+        p, n = total + difference, total - difference
+        p *= np.float32(0.5)
+        n *= np.float32(0.5)
 
-        v = (field_data + mu_field * (field_of_chi + dual_v)) * field_normaliser
-        dual_v += field_of_chi - v
-        gradient_p, gradient_n = periodic_gradient(p, voxel_size), periodic_gradient(n, voxel_size)
-        zp = _soft_threshold(gradient_p + dual_zp, lam / mu_gradient)
-        zn = _soft_threshold(gradient_n + dual_zn, lam / mu_gradient)
-        dual_zp += gradient_p - zp
-        dual_zn += gradient_n - zn
-        yp, yn = nonnegative_prox(p + dual_yp, n + dual_yn)
-        yp *= support
-        yn *= support
-        dual_yp += p - yp
-        dual_yn += n - yn
+        # v step: w = D (p - n) + u.
+        w = field_of_chi
+        w += dual_v
+        v = w * np.float32(mu_field)
+        v += field_data
+        v *= field_normaliser
+        np.subtract(w, v, out=dual_v)
+        np.subtract(v, dual_v, out=v_less_dual)
+        # z steps: z = soft-threshold(w), so the new dual w - z is w clipped to the threshold.
+        for chi, dual_z, z_less_dual in ((p, dual_zp, zp_less_dual), (n, dual_zn, zn_less_dual)):
+            w = periodic_gradient(chi, voxel_size)
+            w += dual_z
+            np.clip(w, -threshold, threshold, out=dual_z)
+            np.subtract(w, dual_z, out=z_less_dual)
+            z_less_dual -= dual_z
+        # y step: w = (p, n) + u, held in u until the new u = w - y.
+        dual_yp += p
+        dual_yn += n
+        yp.ravel()[support], yn.ravel()[support] = nonnegative_prox(dual_yp.ravel()[support],
+                                                                   dual_yn.ravel()[support])
+        for y, dual_y, y_less_dual in ((yp, dual_yp, yp_less_dual), (yn, dual_yn, yn_less_dual)):
+            dual_y -= y
+            np.subtract(y, dual_y, out=y_less_dual)
         change = np.sqrt((np.linalg.norm(p - previous_p) ** 2 + np.linalg.norm(n - previous_n) ** 2)
                          / max(np.linalg.norm(p) ** 2 + np.linalg.norm(n) ** 2, 1e-24))
         if change < tolerance:

@@ -7,6 +7,7 @@ dark skull, the largest component is kept, dilated back within the tissue and it
 filled (in 3-D only: filling slice by slice would close the dark bone around the brain stem).
 """
 import numpy as np
+import scipy.fft
 from scipy import ndimage
 
 BIAS_SMOOTHING_MM = 20.0
@@ -29,13 +30,43 @@ def otsu_threshold(values, bins=256):
     return centres[np.nanargmax(between[:-1])]
 
 
+def gaussian_smoothed(volume, sigma_voxels, truncate=4.0):
+    """``ndimage.gaussian_filter(volume, sigma_voxels, mode='reflect', truncate=truncate)``, by FFTs.
+
+    Along each axis (moved last, so that its lines are contiguous) the volume is mirrored by the
+    kernel's radius and convolved periodically on a line long enough that nothing wraps: the
+    same truncated kernel and boundary. A 20 mm Gaussian spans 161 voxels at 1 mm, where the
+    direct convolution took a second per axis.
+    """
+    result = np.asarray(volume, dtype=np.float32)
+    for axis, sigma in enumerate(sigma_voxels):
+        radius = int(truncate * sigma + 0.5)
+        if radius == 0:
+            continue
+        lines = np.moveaxis(result, axis, -1)
+        n = lines.shape[-1]
+        length = scipy.fft.next_fast_len(n + 2 * radius, real=True)
+        offsets = np.arange(-radius, radius + 1)
+        weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+        kernel = np.zeros(length)
+        kernel[offsets % length] = weights / weights.sum()
+        # numpy's 'symmetric' padding is ndimage's 'reflect' boundary (d c b a | a b c d | d c b a);
+        # what lies beyond n + radius is never reached by the kernel.
+        padded = np.pad(lines, [(0, 0)] * (lines.ndim - 1) + [(radius, length - n - radius)], mode='symmetric')
+        spectrum = scipy.fft.rfft(padded, axis=-1)
+        spectrum *= scipy.fft.rfft(kernel).astype(np.complex64)
+        smoothed = scipy.fft.irfft(spectrum, n=length, axis=-1, overwrite_x=True)
+        result = np.moveaxis(smoothed[..., radius:radius + n], -1, axis)
+    return np.ascontiguousarray(result)
+
+
 def bias_corrected(magnitude, voxel_size):
     """Magnitude divided by its smooth local level over a rough foreground."""
     magnitude = np.asarray(magnitude, dtype=np.float32)
     rough_foreground = magnitude > 0.1 * np.percentile(magnitude, 99)
     sigma = [BIAS_SMOOTHING_MM / d for d in voxel_size]
-    level = ndimage.gaussian_filter(magnitude * rough_foreground, sigma)
-    support = ndimage.gaussian_filter(rough_foreground.astype(np.float32), sigma)
+    level = gaussian_smoothed(magnitude * rough_foreground, sigma)
+    support = gaussian_smoothed(rough_foreground, sigma)
     with np.errstate(divide='ignore', invalid='ignore'):
         level = np.where(support > 1e-3, level / support, 0.0)
     return np.where(level > 0, magnitude / np.where(level > 0, level, 1.0), 0.0).astype(np.float32)
@@ -43,12 +74,27 @@ def bias_corrected(magnitude, voxel_size):
 
 def eroded(mask, radius_mm, voxel_size):
     """Erosion by a ball of ``radius_mm``: the voxels farther than that from the background."""
-    return ndimage.distance_transform_edt(mask, sampling=voxel_size) > radius_mm
+    mask = np.asarray(mask, dtype=bool)
+    result = np.zeros(mask.shape, dtype=bool)
+    if not mask.any():
+        return result
+    # The distance transform is the costly part; around the mask's box the background is one
+    # voxel wide, and no background voxel beyond it is nearer to a voxel inside.
+    box = bounding_box(mask, margin=1)
+    result[box] = ndimage.distance_transform_edt(mask[box], sampling=voxel_size) > radius_mm
+    return result
 
 
 def dilated(mask, radius_mm, voxel_size):
     """Dilation by a ball of ``radius_mm``: the voxels within that distance of ``mask``."""
-    return ndimage.distance_transform_edt(~mask, sampling=voxel_size) <= radius_mm
+    mask = np.asarray(mask, dtype=bool)
+    result = np.zeros(mask.shape, dtype=bool)
+    if not mask.any():
+        return result
+    # Only voxels in the mask's box widened by the radius can lie within it.
+    box = bounding_box(mask, margin=[int(np.ceil(radius_mm / d)) + 1 for d in voxel_size])
+    result[box] = ndimage.distance_transform_edt(~mask[box], sampling=voxel_size) <= radius_mm
+    return result
 
 
 def _largest_component(mask):
@@ -84,7 +130,8 @@ def combined_magnitude(magnitude_echoes):
 
 
 def bounding_box(mask, margin=1):
-    """Slices of the smallest box holding ``mask``, ``margin`` voxels wider on each side."""
+    """Slices of the smallest box holding ``mask``, ``margin`` voxels (one number or one per axis)
+    wider on each side."""
     indices = np.argwhere(mask)
     low = np.maximum(indices.min(axis=0) - margin, 0)
     high = np.minimum(indices.max(axis=0) + margin + 1, mask.shape)

@@ -25,6 +25,9 @@ INVERSION_DESCRIPTIONS = {
            {'RegularizationWeightRule': 'generalised cross-validation, relative to the local field scaled to unit '
                                         'RMS in the mask'}),
     'tkd': ('truncated k-space division', {'Threshold': inversion.TKD_THRESHOLD}),
+    # The model's name, training steps and sha256 are added per series when it runs.
+    'lpcnn': ('learned proximal gradient descent (LP-CNN, Lai et al. 2020), trained by qsmprep-train on '
+              'simulated data; model card inside the package', {}),
 }
 
 
