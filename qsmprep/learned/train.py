@@ -85,6 +85,10 @@ def _build_parser():
     optimisation.add_argument('--batch-size', type=_positive_int, default=4, help='patches per step')
     optimisation.add_argument('--patch-size', type=_positive_int, default=64, help='patch edge in voxels')
     optimisation.add_argument('--learning-rate', type=float, default=1e-4, help='Adam learning rate')
+    # Without clipping, a batch with a strong calcification or vein (errors of several ppm) took
+    # a CPU run at learning rate 5e-4 from 66 back to 73 % validation NRMSE within 100 steps.
+    optimisation.add_argument('--gradient-clip', type=float, default=1.0,
+                              help='largest gradient norm of a step (0: no clipping)')
     optimisation.add_argument('--loss', choices=('mse', 'l1'), default='mse',
                               help='error inside the mask between estimate and truth')
     optimisation.add_argument('--seed', type=int, default=0, help='seeds the initial weights and the data')
@@ -273,6 +277,8 @@ def train_lpcnn(args):
             loss = _masked_loss(model(fields, mask, voxel_sizes, b0_dirs), chi, mask, recipe['loss'])
             optimizer.zero_grad()
             loss.backward()
+            if recipe['gradient_clip'] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe['gradient_clip'])
             optimizer.step()
             step += 1
             if step % args.log_every == 0:

@@ -33,7 +33,10 @@ L2_LAMBDAS = np.logspace(-4, 1, 21)
 # field's RMS added to the true local field), the GCV weight of L2 was within 0.6 % NRMSE of
 # L2's best weight, and TV's best weight was 0.2 to 0.4 times it; 0.4 was best or within
 # 0.5 % NRMSE of the best at every noise level; on the pipeline's own local fields (V-SHARP of
-# fitted fields, SNR 100 and 30) the best was again 0.2 to 0.4 times it.
+# fitted fields, SNR 100 and 30) the best was again 0.2 to 0.4 times it. With white matter
+# susceptibility anisotropy added to a 1 mm head (benchmarks/WEIGHT_CALIBRATION.md), GCV stayed
+# within 0.1 % NRMSE of L2's best weight and TV's best was 0.4 to 1 times GCV's; the L-curve's
+# corner picked weights 10 to 200 times too small there, so it is not used.
 TV_TO_L2_WEIGHT = 0.4
 TV_ITERATIONS = 60
 NLTV_NEWTON_STEPS = 4
