@@ -174,9 +174,12 @@ def chisep_admm(local_field_ppm, r2prime_hz, mask, voxel_size, b0_dir, field_str
     field_data = weight_squared * field
     field_normaliser = 1 / (weight_squared + mu_field)
     sum_denominator = mu_gradient * laplacian_spectrum(fft_shape, voxel_size) + mu_nonnegative
-    inverse_sum_denominator = (1 / sum_denominator).astype(np.float32)
-    inverse_difference_denominator = (1 / (sum_denominator + 2 * mu_field * kernel ** 2)).astype(np.float32)
+    # The sum and difference come out halved (exact in floating point), so that p and n are
+    # their sum and difference; the field of the difference takes twice the kernel.
+    half_inverse_sum_denominator = (0.5 / sum_denominator).astype(np.float32)
+    half_inverse_difference_denominator = (0.5 / (sum_denominator + 2 * mu_field * kernel ** 2)).astype(np.float32)
     field_kernel = (2 * mu_field * kernel).astype(np.float32)
+    double_kernel = 2 * kernel
     threshold = np.float32(lam / mu_gradient)
 
     # Scaled ADMM: each split s of a value a (v of D (p - n), z of grad p and grad n, y of (p, n))
@@ -201,20 +204,18 @@ def chisep_admm(local_field_ppm, r2prime_hz, mask, voxel_size, b0_dir, field_str
         difference_rhs *= np.float32(mu_gradient)
         difference_rhs += np.float32(mu_nonnegative) * (yp_less_dual - yn_less_dual)
         sum_spectrum = scipy.fft.rfftn(sum_rhs)
-        sum_spectrum *= inverse_sum_denominator
-        total = scipy.fft.irfftn(sum_spectrum, s=fft_shape, overwrite_x=True)
+        sum_spectrum *= half_inverse_sum_denominator
+        half_total = scipy.fft.irfftn(sum_spectrum, s=fft_shape, overwrite_x=True)
         difference_spectrum = scipy.fft.rfftn(difference_rhs)
         field_spectrum = scipy.fft.rfftn(v_less_dual)
         field_spectrum *= field_kernel
         difference_spectrum += field_spectrum
-        difference_spectrum *= inverse_difference_denominator
-        difference = scipy.fft.irfftn(difference_spectrum, s=fft_shape)
-        difference_spectrum *= kernel
+        difference_spectrum *= half_inverse_difference_denominator
+        half_difference = scipy.fft.irfftn(difference_spectrum, s=fft_shape)
+        difference_spectrum *= double_kernel
         field_of_chi = scipy.fft.irfftn(difference_spectrum, s=fft_shape, overwrite_x=True)
         previous_p, previous_n = p, n
-        p, n = total + difference, total - difference
-        p *= np.float32(0.5)
-        n *= np.float32(0.5)
+        p, n = half_total + half_difference, half_total - half_difference
 
         # v step: w = D (p - n) + u.
         w = field_of_chi

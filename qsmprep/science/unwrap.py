@@ -164,17 +164,22 @@ def unwrap_echoes(phase, magnitude, echo_times, voxel_size, mask, method='laplac
     first = spatial_unwrap(phase[..., 0], magnitude[..., 0], difference, first_time / spacing)
     unwrapped_difference = spatial_unwrap(difference, magnitude[..., 1], phase[..., 0], spacing / first_time)
 
-    # The temporal part works voxel by voxel, on the voxels inside the mask only.
-    inside_phase, weights = phase[mask], magnitude[mask] ** 2
+    # The temporal part works voxel by voxel, on the voxels inside the mask only, with the echoes
+    # first: gathered echo by echo from the (Fortran-ordered) volumes, and summed over echoes by
+    # weighted_line_fit on (voxels, echoes) views, as contiguous rows.
+    n_echoes = phase.shape[-1]
+    inside_phase = [phase[..., echo][mask] for echo in range(n_echoes)]
+    weights = np.stack([magnitude[..., echo][mask] for echo in range(n_echoes)]) ** 2
     unwrapped = [first[mask]]
     angular_frequency = unwrapped_difference[mask] / spacing
-    for echo in range(1, phase.shape[-1]):
+    for echo in range(1, n_echoes):
         prediction = unwrapped[-1] + angular_frequency * (echo_times[echo] - echo_times[echo - 1])
-        unwrapped.append(prediction + wrap(inside_phase[:, echo] - prediction))
+        unwrapped.append(prediction + wrap(inside_phase[echo] - prediction))
         angular_frequency, _ = weighted_line_fit(
-            echo_times[:echo + 1], np.stack(unwrapped, axis=-1), weights[:, :echo + 1])
+            echo_times[:echo + 1], np.stack(unwrapped).T, weights[:echo + 1].T)
     result = np.zeros(phase.shape, dtype=np.float32)
-    result[mask] = np.stack(unwrapped, axis=-1)
+    for echo, values in enumerate(unwrapped):
+        result[..., echo][mask] = values
     return result
 
 
