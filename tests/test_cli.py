@@ -137,3 +137,22 @@ def test_phase_stored_with_the_opposite_sign_needs_phase_sign(bids_dataset, tmp_
     assert evaluate_subject(output_dir, flipped, '01')['chi_nrmse'] < 70
     sidecar = json.loads((output_dir / 'sub-01' / 'anat' / 'sub-01_Chimap.json').read_text())
     assert sidecar['PhaseSign'] == -1
+
+
+def test_lpcnn_inversion_reruns_only_what_follows_the_local_field(participant_run, bids_dataset, run_qsmprep,
+                                                                   tmp_path):
+    pytest.importorskip('torch')
+    _, work_dir = participant_run
+    lpcnn_work_dir, output_dir = tmp_path / 'work', tmp_path / 'out'
+    shutil.copytree(work_dir, lpcnn_work_dir)
+    result = run_qsmprep(bids_dataset, output_dir, 'participant', '-w', lpcnn_work_dir, '--participant-label', '01',
+                         '--inversion', 'lpcnn', '--nprocs', '2')
+    assert result.returncode == 0, result.stderr
+    # The 3 mm test data lie outside the shipped model's training range: the user is told.
+    assert 'outside the 0.6-1.5 mm' in result.stderr
+    series_wf = lpcnn_work_dir / 'qsmprep_wf' / 'series_sub_01_wf'
+    background = series_wf / 'field_to_chi_wf' / 'remove_background' / 'result_remove_background.pklz'
+    assert background.stat().st_mtime == (work_dir / background.relative_to(lpcnn_work_dir)).stat().st_mtime
+    sidecar = json.loads((output_dir / 'sub-01' / 'anat' / 'sub-01_Chimap.json').read_text())
+    assert sidecar['Model'] == 'LP-CNN' and len(sidecar['ModelSha256']) == 64
+    assert evaluate_subject(output_dir, bids_dataset, '01')['chi_nrmse'] < 80

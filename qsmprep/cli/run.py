@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..bids import InputError, check_user_mask, collect_megre_series
-from ..learned import LEARNED_INVERSION_METHODS, missing_torch_message
+from ..learned import LEARNED_INVERSION_METHODS, missing_torch_message, shipped_lpcnn_voxel_size_range_mm
 from .parser import build_parser
 
 logger = logging.getLogger('qsmprep')
@@ -121,6 +121,13 @@ def main(argv=None):
         inversion_method=args.inversion, user_mask=str(args.mask) if args.mask else None,
         masking=args.masking, chi_separation=args.chi_separation,
         omp_nthreads=omp_nthreads)
+    if args.inversion in LEARNED_INVERSION_METHODS:
+        smallest, largest = shipped_lpcnn_voxel_size_range_mm()
+        for series in series_list:
+            if min(series.voxel_size_mm) < smallest or max(series.voxel_size_mm) > largest:
+                logger.warning('%s: voxels of %s mm, outside the %g-%g mm that the shipped LP-CNN was trained on; '
+                               'its map may be less accurate than on data inside that range', series.name,
+                               [round(v, 2) for v in series.voxel_size_mm], smallest, largest)
     for series in series_list:
         logger.info('%s: %d echoes, %.1f T, B0 direction %s (from %s)', series.name, len(series.echo_times_s),
                     series.field_strength_t, [round(v, 3) for v in series.b0_dir], series.b0_dir_source)

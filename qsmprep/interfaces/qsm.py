@@ -11,6 +11,7 @@ import scipy.fft
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject, SimpleInterface,
                                     TraitedSpec, isdefined, traits)
 
+from ..learned import LEARNED_INVERSION_METHODS
 from ..nifti import save_like
 from ..science import bgremove, chisep, echofit, inversion, masking, unwrap
 from ..science.physics import voxel_size_from_affine
@@ -236,7 +237,7 @@ class _InvertInputSpec(_ThreadedInputSpec):
     mask = File(exists=True, mandatory=True)
     magnitude = File(exists=True, desc='magnitude weighting (4-D: combined over echoes)')
     b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc='in voxel axes')
-    method = traits.Enum(*inversion.INVERSION_METHODS, usedefault=True)
+    method = traits.Enum(*(inversion.INVERSION_METHODS + LEARNED_INVERSION_METHODS), usedefault=True)
     echo_times = traits.List(traits.Float, desc='seconds; nltv expresses the field as phase at their mean')
     field_strength = traits.Float(desc='tesla; needed by nltv')
 
@@ -254,6 +255,16 @@ class Invert(_ThreadedInterface):
     def _compute(self):
         local_field, image = _load(self.inputs.local_field)
         mask = _load(self.inputs.mask, bool)[0]
+        if self.inputs.method in LEARNED_INVERSION_METHODS:
+            import torch
+
+            from ..learned.models import invert_with_shipped_lpcnn
+            torch.set_num_threads(max(1, self.inputs.num_threads))
+            chi, parameters = invert_with_shipped_lpcnn(local_field, mask, voxel_size_from_affine(image.affine),
+                                                        self.inputs.b0_dir)
+            self._results['chi'] = _save(inversion.reference_to_mask_mean(chi, mask), image, 'chi.nii')
+            self._results['parameters'] = parameters
+            return
         magnitude = _weighting_magnitude(self.inputs.magnitude)
         options = {}
         if self.inputs.method == 'nltv':

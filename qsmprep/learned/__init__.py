@@ -10,8 +10,17 @@ Nothing here but this module is imported by the rest of qsmprep before a learned
 chosen, so the classical pipeline runs without torch.
 """
 import importlib.util
+import json
+from pathlib import Path
 
 LEARNED_INVERSION_METHODS = ('lpcnn',)
+SHIPPED_LPCNN_CARD = Path(__file__).parent / 'models' / 'lpcnn' / 'model_card.json'
+
+
+def shipped_lpcnn_voxel_size_range_mm():
+    """The (smallest, largest) voxel size in mm that the shipped LP-CNN was trained on."""
+    card = json.loads(SHIPPED_LPCNN_CARD.read_text())
+    return tuple(card['recipe']['voxel_size_range'])
 
 
 def missing_torch_message(method):

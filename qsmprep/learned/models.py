@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
+from . import SHIPPED_LPCNN_CARD
 from .lpcnn import LPCNN, NETWORK_UNITS_PER_PPM, lpcnn_invert
 
-CHECKPOINT_NAME, WEIGHTS_NAME, CARD_NAME = 'checkpoint.pt', 'model.pt', 'model_card.json'
-SHIPPED_LPCNN = Path(__file__).parent / 'models' / 'lpcnn'
+CHECKPOINT_NAME, WEIGHTS_NAME, CARD_NAME = 'checkpoint.pt', 'model.pt', SHIPPED_LPCNN_CARD.name
+SHIPPED_LPCNN = SHIPPED_LPCNN_CARD.parent
 
 
 def sha256_of(path):
