@@ -168,7 +168,8 @@ def validate(model, samples, device, loss_kind):
             estimate_ppm = estimate[0, 0].cpu().numpy() / NETWORK_UNITS_PER_PPM
             scores.append(metrics.nrmse(estimate_ppm, sample.chi_ppm, sample.mask))
     model.train()
-    return {'validation_loss': float(np.mean(losses)), 'validation_nrmse': float(np.mean(scores))}
+    return {'validation_loss': float(np.mean(losses)), 'validation_nrmse': float(np.mean(scores)),
+            'validation_nrmse_per_patch': [float(score) for score in scores]}
 
 
 def tkd_validation_nrmse(samples):
@@ -304,6 +305,7 @@ def train_lpcnn(args):
         'runs': runs,
         'validation': {'patches': len(validation), 'patch_size': recipe['validation_patch_size'],
                        'nrmse_percent': scores['validation_nrmse'], 'loss': scores['validation_loss'],
+                       'nrmse_percent_per_patch': scores['validation_nrmse_per_patch'],
                        'tkd_nrmse_percent': tkd_validation_nrmse(validation)},
         'weights': {'file': WEIGHTS_NAME, 'sha256': sha256_of(out / WEIGHTS_NAME)},
     }

@@ -2,15 +2,20 @@
 import numpy as np
 
 
-def conjugate_gradient(apply_operator, rhs, iterations, tolerance, precondition=None):
+def conjugate_gradient(apply_operator, rhs, iterations, tolerance, precondition=None, start=None):
     """Solve A x = rhs for a symmetric positive (semi-)definite A given as ``apply_operator``.
 
     ``precondition`` applies an approximate inverse of A. Stops after ``iterations`` or when
-    the residual falls below ``tolerance`` times the norm of ``rhs``; starts from 0.
+    the residual falls below ``tolerance`` times the norm of ``rhs``; starts from ``start``
+    (0 when not given).
     """
     precondition = precondition or (lambda r: r)
-    x = np.zeros_like(rhs)
-    residual = rhs.astype(np.float32)
+    if start is None:
+        x = np.zeros_like(rhs)
+        residual = rhs.astype(np.float32)
+    else:
+        x = start.astype(np.float32)
+        residual = (rhs - apply_operator(x)).astype(np.float32)
     preconditioned = precondition(residual)
     direction = preconditioned.copy()
     rz = float(np.vdot(residual, preconditioned))
