@@ -20,7 +20,8 @@ Measurements: benchmarks/BGREMOVE.md.
   (Tikhonov, preconditioned conjugate gradients), and its field is the local field.
 - ``pdf``: projection onto dipole fields (Liu et al. 2011). The susceptibility outside the mask
   whose field best fits the total field inside it (least squares, conjugate gradients) is
-  subtracted; then brain sources are admitted (``_admit_brain_sources``). Keeps the whole mask.
+  subtracted; then brain sources are admitted (``_admit_brain_sources``). Both solves start
+  from their solutions at twice the voxel size. Keeps the whole mask.
 - ``lbv``: Laplacian boundary value (Zhou et al. 2014). The background solves Laplace's equation
   inside the mask with the total field as its value on the mask's edge, so the local field
   solves Poisson's equation with the total field's Laplacian and is 0 on the edge (conjugate
@@ -64,18 +65,20 @@ VSHARP_WEIGHT = 0.003
 VSHARP_PRECONDITIONER_FLOOR = 0.1
 # V-SHARP is far from converged after its iterations and each one improves it. 1 mm head, NRMSE
 # upright / tilted: largest radius' preconditioner, 30 iterations 26.0 / 27.4 %, 24: 26.7 / 28.7 %;
-# the radii's shares (44 % of the voxels use 2 mm), 26 iterations: 26.3 / 26.9 %, 24: 26.6 / 27.4 %
+# the radii's shares (43 % of the voxels use 2 mm), 26 iterations: 26.3 / 26.9 %, 24: 26.6 / 27.4 %
 # (floor 0.08: 26.3 / 28.1 %, 0.05: 26.0 / 30.4 %), 28: 26.1 / 26.5 %.
 VSHARP_ITERATIONS = 26
 # PDF: iterations on a grid of twice the voxel size, then on the image grid from that start
 # (``_pdf_coarse_start``). PDF is far from converged after its iterations and each one improves
-# it; the coarse start does the slow part cheaply. 1 mm head, NRMSE upright / tilted: 60 + 40
-# image-grid iterations from 0 (outside sources + brain sources, 400 FFTs): 29.1 / 28.3 %;
-# coarse 60 + 40 then 30 + 10 (160 FFTs and 400 on an eighth of the voxels): 28.9 / 28.3 %;
-# then 20 + 10: 29.5 / 29.5 %; without the coarse brain-source start, 30 + 30: 28.5 / 28.1 %.
+# it; the coarse start does the slow part cheaply. NRMSE upright / tilted, 1 mm head: 60 + 40
+# image-grid iterations from 0 (outside sources + brain sources, 400 FFTs): 29.1 / 28.3 %; after
+# the coarse 60 + 40 (400 FFTs of an eighth of the voxels), 40 + 10: 28.7 / 28.1 %, 30 + 10:
+# 29.0 / 28.6 %; on _MaskGrid's former, larger grids, 30 + 10: 28.9 / 28.3 %, and without the
+# coarse brain-source start 30 + 30: 28.5 / 28.1 %. 2 mm head, where the coarse grid is 4 mm:
+# 29.1 / 30.5 % from 0, 29.1 / 30.8 % with 40 + 10, 30.2 / 32.4 % with 30 + 10.
 PDF_COARSE_ITERATIONS = 60
 PDF_COARSE_BRAIN_ITERATIONS = 40
-PDF_ITERATIONS = 30
+PDF_ITERATIONS = 40
 PDF_BRAIN_ITERATIONS = 10
 # PDF and V-SHARP stop on their iteration counts, which are part of their regularisation.
 CG_TOLERANCE = 1e-7
@@ -96,6 +99,13 @@ class _MaskGrid:
         if sine:  # a type-I sine transform of n points is an FFT of 2 (n + 1)
             self.shape = tuple(scipy.fft.next_fast_len(n + 2 * margin + 1) - 1 for n in extent)
         else:
+            # Factors 7 and 11 allowed: an rfftn/irfftn pair took 21 ms per million voxels at
+            # 168^3, 175^3 and 176^3 (23 at 180^3), so the next size with factors 2, 3 and 5
+            # only (180 for 168 or 175) is up to 23 % more voxels at no gain per voxel. On the
+            # 160^3 crop of benchmarks/: PDF's grid 160 x 175 x 168 instead of 160 x 180 x 180,
+            # V-SHARP's 154 x 168 x 162 instead of 160 x 180 x 162. 1 mm head, NRMSE upright /
+            # tilted: V-SHARP unchanged, LBV 26.0 / 26.0 %, PDF 29.0 / 28.6 % (28.9 / 28.3 % on
+            # the larger grids, whose margins are wider).
             self.shape = tuple(scipy.fft.next_fast_len(n + 2 * margin) for n in extent)
         self.inner = tuple(slice(margin, margin + n) for n in extent)
 
@@ -138,8 +148,9 @@ def _fit_sources(field, data, sources, dipole, shape, penalty, iterations, start
 
 
 def _fit_brain_sources(field, data, brain, dipole, shape, weight, iterations, start=None):
-    """Brain susceptibility (penalised by ``weight``) and outside susceptibility (free) fitted
-    together to ``field`` on ``data``."""
+    """Brain susceptibility (penalised by ``weight``) and outside susceptibility (free), fitted
+    together to ``field`` on ``data``.
+    """
     everywhere = np.ones(shape, dtype=bool)
     return _fit_sources(field, data, everywhere, dipole, shape, np.where(brain, np.float32(weight), 0), iterations,
                         start)
