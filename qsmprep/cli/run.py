@@ -90,8 +90,6 @@ def main(argv=None):
         return _fail(f'{args.output_dir}: the output folder is the input dataset; write derivatives elsewhere, '
                      f'e.g. {args.bids_dir / "derivatives" / "qsmprep"}.')
     omp_nthreads = args.omp_nthreads or args.nprocs
-    if args.inversion in LEARNED_INVERSION_METHODS and missing_torch_message(args.inversion):
-        return _fail(missing_torch_message(args.inversion), code=2)
     try:
         series_list, errors = collect_megre_series(
             args.bids_dir, args.participant_label, args.session_label, validate=not args.skip_bids_validation,
@@ -111,6 +109,17 @@ def main(argv=None):
         except InputError as error:
             return _fail(str(error))
 
+    if args.inversion in LEARNED_INVERSION_METHODS:
+        torch_message = missing_torch_message(f'--inversion {args.inversion}')
+        if torch_message:
+            return _fail(torch_message, code=2)
+        smallest, largest = shipped_lpcnn_voxel_size_range_mm()
+        for series in series_list:
+            if min(series.voxel_size_mm) < smallest or max(series.voxel_size_mm) > largest:
+                logger.warning('%s: voxels of %s mm, outside the %g-%g mm that the shipped LP-CNN was trained on; '
+                               'its map may be less accurate than on data inside that range', series.name,
+                               [round(v, 2) for v in series.voxel_size_mm], smallest, largest)
+
     _configure_nipype(args.work_dir, args.verbose, args.resource_monitor)
     from ..workflows.base import init_qsmprep_wf
 
@@ -121,13 +130,6 @@ def main(argv=None):
         inversion_method=args.inversion, user_mask=str(args.mask) if args.mask else None,
         masking=args.masking, chi_separation=args.chi_separation,
         omp_nthreads=omp_nthreads)
-    if args.inversion in LEARNED_INVERSION_METHODS:
-        smallest, largest = shipped_lpcnn_voxel_size_range_mm()
-        for series in series_list:
-            if min(series.voxel_size_mm) < smallest or max(series.voxel_size_mm) > largest:
-                logger.warning('%s: voxels of %s mm, outside the %g-%g mm that the shipped LP-CNN was trained on; '
-                               'its map may be less accurate than on data inside that range', series.name,
-                               [round(v, 2) for v in series.voxel_size_mm], smallest, largest)
     for series in series_list:
         logger.info('%s: %d echoes, %.1f T, B0 direction %s (from %s)', series.name, len(series.echo_times_s),
                     series.field_strength_t, [round(v, 3) for v in series.b0_dir], series.b0_dir_source)

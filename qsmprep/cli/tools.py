@@ -89,8 +89,9 @@ def run_invert(args):
     field, image = _load(args.local_fields[0], ndim=(3,))
     mask = _load_mask(args.mask, image, args.local_fields[0])
     if args.method in LEARNED_INVERSION_METHODS:
-        if missing_torch_message(args.method):
-            raise ToolError(missing_torch_message(args.method).replace('--inversion', '--method'))
+        torch_message = missing_torch_message(f'--method {args.method}')
+        if torch_message:
+            raise ToolError(torch_message)
         fields, images = [field], [image]
         for path in args.local_fields[1:]:
             other, other_image = _load(path, ndim=(3,))

@@ -23,10 +23,10 @@ def shipped_lpcnn_voxel_size_range_mm():
     return tuple(card['recipe']['voxel_size_range'])
 
 
-def missing_torch_message(method):
-    """Why ``method`` cannot run here, or None when torch is installed."""
+def missing_torch_message(option):
+    """Why ``option`` (such as '--inversion lpcnn') cannot run here, or None when torch is installed."""
     if importlib.util.find_spec('torch') is not None:
         return None
-    return (f'--inversion {method} needs PyTorch, which is not installed; install qsmprep with its learned '
+    return (f'{option} needs PyTorch, which is not installed; install qsmprep with its learned '
             f'extra (pip install torch==2.13.0 "qsmprep[learned]"), use the qsmprep container image, or '
             f'choose a classical method')
