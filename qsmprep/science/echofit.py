@@ -47,9 +47,9 @@ def fit_r2star(magnitude, echo_times, mask=None):
     if magnitude.shape[-1] < 2:
         raise ValueError('an R2* fit needs at least two echoes')
     inside = np.ones(magnitude.shape[:-1], dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-    # Only the voxels inside are fitted, echoes first (see _echoes_first); the transposes hand
+    # Only the voxels inside are fitted, echoes first (see echoes_first); the transposes hand
     # weighted_line_fit (voxels, echoes) views whose sums over echoes add contiguous rows.
-    voxel_magnitude = _echoes_first(magnitude, inside)
+    voxel_magnitude = echoes_first(magnitude, inside)
     positive = np.maximum(voxel_magnitude, np.finfo(np.float32).tiny)
     weights = np.where(voxel_magnitude > 0, voxel_magnitude ** 2, 0.0).astype(np.float32)
     slope, intercept = weighted_line_fit(echo_times, np.log(positive).T, weights.T)
@@ -99,8 +99,8 @@ def fit_total_field(unwrapped_phase, magnitude, echo_times, field_strength_t, ma
     if return_noise and n_echoes < COMPLEX_FIT_MIN_ECHOES:
         raise ValueError('a field noise map needs at least three echoes (two fit the line exactly)')
     inside = np.ones(phase.shape[:-1], dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-    voxel_phase = _echoes_first(phase, inside)
-    weights = _echoes_first(magnitude, inside) ** 2
+    voxel_phase = echoes_first(phase, inside)
+    weights = echoes_first(magnitude, inside) ** 2
     # The fits work with the phase at each voxel's weighted mean echo time and the angular frequency.
     t_mean, centred, spread = _centred_echo_times(echo_times, weights)
     if n_echoes == 1:
@@ -120,7 +120,7 @@ def fit_total_field(unwrapped_phase, magnitude, echo_times, field_strength_t, ma
     return field_ppm, offset, _field_noise_ppm(squared_residual, spread, echo_times, field_strength_t, inside)
 
 
-def _echoes_first(array, inside):
+def echoes_first(array, inside):
     """float32 (echoes, voxels) array of the voxels inside ``inside``.
 
     With the echoes first, sums over echoes add contiguous rows, many times faster than sums
@@ -268,8 +268,8 @@ def field_noise_ppm(unwrapped_phase, magnitude, echo_times, field_strength_t, fi
     if phase.shape[-1] < COMPLEX_FIT_MIN_ECHOES:
         raise ValueError('a field noise map needs at least three echoes (two fit the line exactly)')
     inside = np.ones(phase.shape[:-1], dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-    voxel_phase = _echoes_first(phase, inside)
-    weights = _echoes_first(magnitude, inside) ** 2
+    voxel_phase = echoes_first(phase, inside)
+    weights = echoes_first(magnitude, inside) ** 2
     field_ppm = np.asarray(field_ppm, dtype=np.float32)[inside]
     angular_frequency = 2 * np.pi * hz_per_ppm(field_strength_t) * field_ppm
     offset = np.asarray(phase_offset, dtype=np.float32)[inside]

@@ -17,7 +17,7 @@ import scipy.sparse
 from scipy import ndimage
 from scipy.sparse import csgraph
 
-from .echofit import weighted_line_fit
+from .echofit import echoes_first, weighted_line_fit
 from .masking import bounding_box, masked_median
 from .solvers import conjugate_gradient
 
@@ -165,11 +165,11 @@ def unwrap_echoes(phase, magnitude, echo_times, voxel_size, mask, method='laplac
     unwrapped_difference = spatial_unwrap(difference, magnitude[..., 1], phase[..., 0], spacing / first_time)
 
     # The temporal part works voxel by voxel, on the voxels inside the mask only, with the echoes
-    # first: gathered echo by echo from the (Fortran-ordered) volumes, and summed over echoes by
-    # weighted_line_fit on (voxels, echoes) views, as contiguous rows.
+    # first (echofit.echoes_first), summed over echoes by weighted_line_fit on (voxels, echoes)
+    # views, as contiguous rows.
     n_echoes = phase.shape[-1]
-    inside_phase = [phase[..., echo][mask] for echo in range(n_echoes)]
-    weights = np.stack([magnitude[..., echo][mask] for echo in range(n_echoes)]) ** 2
+    inside_phase = echoes_first(phase, mask)
+    weights = echoes_first(magnitude, mask) ** 2
     unwrapped = [first[mask]]
     angular_frequency = unwrapped_difference[mask] / spacing
     for echo in range(1, n_echoes):
