@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.simulate_bids import (ECHO_TIMES_S, FIELD_STRENGTH_T, head_phantom,  # noqa: E402
                                       simulate_dataset, simulate_megre, tilted_affine)
+from qsmprep.science.physics import voxel_size_from_affine  # noqa: E402
 
 
 class SimulatedHead:
@@ -23,7 +24,8 @@ class SimulatedHead:
         self.phantom, affine = head_phantom(voxel_size_mm)
         self.affine = tilted_affine(affine, tilt_deg)
         self.megre = simulate_megre(self.phantom, self.affine, peak_snr=peak_snr)
-        self.voxel_size = (voxel_size_mm,) * 3
+        # As the pipeline reads it from the float32 affine of a NIfTI file: tilted, it is off by rounding.
+        self.voxel_size = voxel_size_from_affine(self.affine.astype(np.float32))
         self.echo_times = np.asarray(ECHO_TIMES_S)
         self.field_strength = FIELD_STRENGTH_T
         self.brain = self.phantom['brain_mask']

@@ -3,8 +3,9 @@ import qsm_forward
 from scipy import ndimage
 
 from benchmarks.simulate_bids import tilted_affine
-from qsmprep.science import metrics
-from qsmprep.science.physics import DipoleOperator, b0_direction_from_affine, dipole_kernel
+from qsmprep.science import masking, metrics
+from qsmprep.science.physics import (DipoleOperator, b0_direction_from_affine, dipole_kernel, smv_kernel,
+                                     voxel_size_from_affine)
 
 
 def test_b0_direction_of_an_upright_head_is_the_third_voxel_axis():
@@ -57,3 +58,18 @@ def test_dipole_operator_adjoint():
     x = rng.normal(size=operator.shape).astype(np.float32)
     y = rng.normal(size=operator.shape).astype(np.float32)
     assert np.isclose(np.vdot(operator.forward(x), y), np.vdot(x, operator.adjoint(y)), rtol=1e-4)
+
+
+def test_spheres_and_balls_ignore_the_rounding_of_a_tilted_affine():
+    # A 1 mm grid tilted by 18 degrees, stored in float32 as NIfTI stores it, reads as
+    # 1.00000003 mm along two axes: the lattice points at exactly the radius must stay in (or
+    # out) along all three axes alike.
+    rounded = voxel_size_from_affine(tilted_affine(np.eye(4), 18.0).astype(np.float32))
+    assert not np.array_equal(rounded, [1.0, 1.0, 1.0])
+    for radius in (2.0, 12.0):
+        assert np.allclose(smv_kernel((32, 32, 32), rounded, radius), smv_kernel((32, 32, 32), (1, 1, 1), radius),
+                           atol=1e-6)
+    mask = np.zeros((20, 20, 20), dtype=bool)
+    mask[5:15, 6:14, 4:16] = True
+    for operation in (masking.eroded, masking.dilated):
+        assert np.array_equal(operation(mask, 2.0, rounded), operation(mask, 2.0, (1, 1, 1)))

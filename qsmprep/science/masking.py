@@ -10,6 +10,8 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage
 
+from .physics import DISTANCE_TOLERANCE_MM
+
 BIAS_SMOOTHING_MM = 20.0
 # 'two-pass' also drops voxels whose phase is unreliable (echofit.reliable_field_mask) after the
 # field fit; 'magnitude' keeps the magnitude mask alone.
@@ -81,7 +83,7 @@ def eroded(mask, radius_mm, voxel_size):
     # The distance transform is the costly part; around the mask's box the background is one
     # voxel wide, and no background voxel beyond it is nearer to a voxel inside.
     box = bounding_box(mask, margin=1)
-    result[box] = ndimage.distance_transform_edt(mask[box], sampling=voxel_size) > radius_mm
+    result[box] = ndimage.distance_transform_edt(mask[box], sampling=voxel_size) > radius_mm + DISTANCE_TOLERANCE_MM
     return result
 
 
@@ -93,7 +95,7 @@ def dilated(mask, radius_mm, voxel_size):
         return result
     # Only voxels in the mask's box widened by the radius can lie within it.
     box = bounding_box(mask, margin=[int(np.ceil(radius_mm / d)) + 1 for d in voxel_size])
-    result[box] = ndimage.distance_transform_edt(~mask[box], sampling=voxel_size) <= radius_mm
+    result[box] = ndimage.distance_transform_edt(~mask[box], sampling=voxel_size) <= radius_mm + DISTANCE_TOLERANCE_MM
     return result
 
 

@@ -8,6 +8,13 @@ import numpy as np
 import scipy.fft
 
 GAMMA_BAR_MHZ_PER_T = 42.57747892
+# Spheres and balls of a radius in mm include the voxels up to the radius plus this much. Voxel
+# sizes read from a rotated float32 affine carry errors of about 1e-7: a 1 mm grid tilted by 18
+# degrees reads as (1, 1.00000003, 1.00000003) mm, which moved the lattice points at exactly 2
+# and 12 mm out of V-SHARP's spheres along two axes but not the third, and took the local
+# field's NRMSE on the tilted simulated head from 30 to 40 %. 0.1 micrometre is far below any
+# voxel size and far above those errors.
+DISTANCE_TOLERANCE_MM = 1e-4
 
 
 def hz_per_ppm(field_strength_t):
@@ -70,7 +77,7 @@ def smv_kernel(shape, voxel_size, radius_mm, real=True):
     """
     grids = [np.fft.fftfreq(n, d=1.0 / n) * d for n, d in zip(shape, voxel_size)]
     x, y, z = np.meshgrid(*grids, indexing='ij', sparse=True)
-    sphere = ((x ** 2 + y ** 2 + z ** 2) <= radius_mm ** 2).astype(np.float32)
+    sphere = ((x ** 2 + y ** 2 + z ** 2) <= (radius_mm + DISTANCE_TOLERANCE_MM) ** 2).astype(np.float32)
     sphere /= sphere.sum()
     transform = scipy.fft.rfftn(sphere) if real else scipy.fft.fftn(sphere)
     return np.real(transform).astype(np.float32)
