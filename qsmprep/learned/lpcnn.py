@@ -3,7 +3,7 @@
 The susceptibility estimate is updated by unrolled proximal gradient steps on the data term
 1/2 sum_i ||M (D_i chi - f_i)||^2 over the head orientations i, with a CNN as the proximal map:
 
-    chi_0 = 0,    chi_{k+1} = M P_theta(M (chi_k - alpha / N sum_i D_i^T M (D_i chi_k - f_i)))
+    chi_0 = M L2(f),    chi_{k+1} = M P_theta(M (chi_k - alpha / N sum_i D_i^T M (D_i chi_k - f_i)))
 
 - D_i is the dipole convolution of orientation i (its own B0 direction and the voxel size), on a
   zero-padded FFT grid so that it does not wrap around; the kernel is
@@ -16,6 +16,12 @@ The susceptibility estimate is updated by unrolled proximal gradient steps on th
   eigenvalue up to N * 4/9.
 - P_theta is one CNN shared by all iterations (the paper's choice); it sees the estimate and
   the mask and returns a corrected estimate.
+- chi_0 is the closed-form L2 solution with a gradient penalty of all orientations together,
+  sum_i D_i F f_i / (sum_i D_i^2 + lambda |F grad|^2), with a learned weight lambda (the
+  paper starts from 0), so the CNN only has to correct a good estimate. Measured on the
+  training's 16 held-out patches, same recipe otherwise, on the CPU: from 0, 56.5 % NRMSE after
+  900 steps and 56.7 % after 965; from the L2 start, 58.1 % before any step, 47.9 % after 900
+  and 45.4 % after 1938. ``initial_estimate='zero'`` is the paper's start.
 
 The network works in ``NETWORK_UNITS_PER_PPM`` units: fields and susceptibility in ppm are of
 order 0.01 to 0.1 in the brain, too small for the default initialisation and learning rates of
@@ -27,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qsmprep.science.inversion import CROP_MARGIN_VOXELS
+from qsmprep.science.inversion import CROP_MARGIN_VOXELS, laplacian_spectrum
 from qsmprep.science.masking import bounding_box
 from qsmprep.science.physics import dipole_kernel, padded_shape
 
@@ -37,12 +43,18 @@ PAD_FACTOR = 1.5
 # Initial step size: with the gradient averaged over orientations, the data term's Lipschitz
 # constant is at most 4/9, so gradient descent is stable for steps below 4.5; 2 is a cautious start.
 INITIAL_STEP_SIZE = 2.0
+INITIAL_ESTIMATES = ('l2', 'zero')
+# Initial weight of the gradient penalty of the L2 starting estimate (|F grad|^2 in mm^-2); the
+# weight is learned from there. On the training's 16 held-out patches the L2 solution alone
+# scored 69, 63, 59, 60 and 65 % NRMSE with weights 0.001, 0.003, 0.01, 0.03 and 0.1.
+INITIAL_L2_WEIGHT = 1e-2
 # Edge length in voxels of the tiles that the CNN is applied on at inference (memory bound).
 # Each tile is read with a halo of the receptive radius (18 voxels for 8 blocks): with 96-voxel
 # tiles a 144x160x136 box took 2.7 times as long on the CPU as in one piece (which peaked at
 # 1.4 GB). A 192-voxel tile holds a 1 mm brain's box along most axes, and its largest read,
 # 228^3 voxels, stays near 5 GB at about 450 bytes per voxel.
 DEFAULT_TILE = 192
+FFT_DIMS = (-3, -2, -1)
 
 
 def default_device():
@@ -69,13 +81,16 @@ class TorchDipoleOperator:
         kernels = [[dipole_kernel(self.fft_shape, voxel_size, b0_dir) for b0_dir in directions]
                    for voxel_size, directions in zip(voxel_sizes, b0_dirs)]
         self.kernels = torch.from_numpy(np.asarray(kernels, dtype=np.float32)).to(device)
+        gradient_spectra = [laplacian_spectrum(self.fft_shape, voxel_size)[np.newaxis] for voxel_size in voxel_sizes]
+        self.gradient_spectra = torch.from_numpy(np.asarray(gradient_spectra, dtype=np.float32)).to(device)
         self.orientations = b0_dirs.shape[1]
 
+    def _crop(self, volumes):
+        return volumes[..., :self.shape[0], :self.shape[1], :self.shape[2]]
+
     def _convolve(self, volumes):
-        dims = (-3, -2, -1)
-        spectrum = torch.fft.rfftn(volumes, s=self.fft_shape, dim=dims)
-        result = torch.fft.irfftn(spectrum * self.kernels, s=self.fft_shape, dim=dims)
-        return result[..., :self.shape[0], :self.shape[1], :self.shape[2]]
+        spectrum = torch.fft.rfftn(volumes, s=self.fft_shape, dim=FFT_DIMS)
+        return self._crop(torch.fft.irfftn(spectrum * self.kernels, s=self.fft_shape, dim=FFT_DIMS))
 
     def forward(self, chi):
         """Fields (B, N, *shape) of susceptibility ``chi`` (B, 1, *shape)."""
@@ -84,6 +99,19 @@ class TorchDipoleOperator:
     def adjoint(self, fields):
         """Adjoint of ``forward``: each kernel is real and even, so the same convolution, summed."""
         return self._convolve(fields).sum(dim=1, keepdim=True)
+
+    def l2_solution(self, fields, weight):
+        """argmin_chi sum_i ||D_i chi - f_i||^2 + weight ||grad chi||^2 on the padded grid, (B, 1, *shape).
+
+        Closed form in k-space: sum_i D_i F f_i / (sum_i D_i^2 + weight |F grad|^2); with one
+        orientation it is ``inversion.l2_gradient`` with the same weight and padding.
+        """
+        spectra = torch.fft.rfftn(fields, s=self.fft_shape, dim=FFT_DIMS)
+        numerator = (spectra * self.kernels).sum(dim=1, keepdim=True)
+        denominator = (self.kernels ** 2).sum(dim=1, keepdim=True) + weight * self.gradient_spectra
+        # Only k = 0 has both terms zero; there the numerator is 0 too (D(0) = 0).
+        denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+        return self._crop(torch.fft.irfftn(numerator / denominator, s=self.fft_shape, dim=FFT_DIMS))
 
 
 class ResidualBlock(nn.Module):
@@ -158,16 +186,23 @@ class LPCNN(nn.Module):
     """
 
     def __init__(self, iterations=3, channels=32, blocks=8, shared=True, initial_step_size=INITIAL_STEP_SIZE,
-                 pad_factor=PAD_FACTOR):
+                 pad_factor=PAD_FACTOR, initial_estimate='zero', initial_l2_weight=INITIAL_L2_WEIGHT):
         super().__init__()
+        if initial_estimate not in INITIAL_ESTIMATES:
+            raise ValueError(f'initial_estimate {initial_estimate!r} is not one of {INITIAL_ESTIMATES}')
         self.config = {'iterations': iterations, 'channels': channels, 'blocks': blocks, 'shared': shared,
-                       'initial_step_size': initial_step_size, 'pad_factor': pad_factor}
+                       'initial_step_size': initial_step_size, 'pad_factor': pad_factor,
+                       'initial_estimate': initial_estimate, 'initial_l2_weight': initial_l2_weight}
+        self.initial_estimate = initial_estimate
         self.iterations = iterations
         self.pad_factor = pad_factor
         networks = [ProximalCNN(channels, blocks)] if shared else [ProximalCNN(channels, blocks)
                                                                   for _ in range(iterations)]
         self.proximal_networks = nn.ModuleList(networks)
         self.step_size = nn.Parameter(torch.tensor(float(initial_step_size)))
+        if initial_estimate == 'l2':
+            # Learned on a log scale: the weight must stay positive, and its useful range spans decades.
+            self.log_l2_weight = nn.Parameter(torch.tensor(float(np.log(initial_l2_weight))))
 
     def _proximal(self, iteration, estimate, mask, tile):
         network = self.proximal_networks[0 if len(self.proximal_networks) == 1 else iteration]
@@ -177,7 +212,10 @@ class LPCNN(nn.Module):
         operator = TorchDipoleOperator(local_fields.shape[2:], voxel_sizes, b0_dirs, self.pad_factor,
                                        device=local_fields.device)
         masked_fields = local_fields * mask
-        chi = torch.zeros_like(mask)
+        if self.initial_estimate == 'l2':
+            chi = mask * operator.l2_solution(masked_fields, self.log_l2_weight.exp())
+        else:
+            chi = torch.zeros_like(mask)
         for iteration in range(self.iterations):
             residual = operator.forward(chi) * mask - masked_fields
             gradient = operator.adjoint(residual) / operator.orientations

@@ -38,7 +38,7 @@ from qsmprep import __version__
 from qsmprep.cli.parser import _positive_int
 from qsmprep.science import inversion, metrics
 
-from .lpcnn import LPCNN, NETWORK_UNITS_PER_PPM, default_device
+from .lpcnn import INITIAL_ESTIMATES, INITIAL_L2_WEIGHT, LPCNN, NETWORK_UNITS_PER_PPM, default_device
 from .models import CARD_NAME, CHECKPOINT_NAME, WEIGHTS_NAME, sha256_of
 from .simulate import GENERATOR_VERSION, VALIDATION_STREAM, SimulationConfig, simulate_batch
 
@@ -80,6 +80,10 @@ def _build_parser():
                        help='one proximal CNN per iteration instead of one shared by all')
     model.add_argument('--initial-step-size', type=float, default=2.0, help='initial value of the learned step size')
     model.add_argument('--pad-factor', type=float, default=1.5, help="zero padding of the model's dipole FFT grid")
+    model.add_argument('--initial-estimate', choices=INITIAL_ESTIMATES, default='l2',
+                       help='starting estimate: the closed-form L2 solution of all orientations, or 0 (the paper)')
+    model.add_argument('--initial-l2-weight', type=float, default=INITIAL_L2_WEIGHT,
+                       help="initial value of the L2 starting estimate's learned gradient-penalty weight")
 
     optimisation = lpcnn.add_argument_group('optimisation')
     optimisation.add_argument('--batch-size', type=_positive_int, default=4, help='patches per step')
@@ -126,9 +130,11 @@ def simulation_config(recipe):
 
 
 def _model_from_recipe(recipe):
+    # Recipes written before the L2 starting estimate existed started from 0.
     return LPCNN(iterations=recipe['iterations'], channels=recipe['channels'], blocks=recipe['blocks'],
                  shared=not recipe['separate_networks'], initial_step_size=recipe['initial_step_size'],
-                 pad_factor=recipe['pad_factor'])
+                 pad_factor=recipe['pad_factor'], initial_estimate=recipe.get('initial_estimate', 'zero'),
+                 initial_l2_weight=recipe.get('initial_l2_weight', INITIAL_L2_WEIGHT))
 
 
 def _device(choice):
@@ -283,8 +289,11 @@ def train_lpcnn(args):
             optimizer.step()
             step += 1
             if step % args.log_every == 0:
-                write_log({'step': step, 'loss': loss.item(), 'orientations': int(fields.shape[1]),
-                           'step_size': model.step_size.item()})
+                entry = {'step': step, 'loss': loss.item(), 'orientations': int(fields.shape[1]),
+                         'step_size': model.step_size.item()}
+                if model.initial_estimate == 'l2':
+                    entry['l2_weight'] = model.log_l2_weight.exp().item()
+                write_log(entry)
             if step % args.checkpoint_every == 0 and step < args.steps:
                 checkpoint_and_validate()
         scores, runs = checkpoint_and_validate()
