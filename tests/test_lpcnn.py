@@ -181,6 +181,22 @@ def test_resumed_training_continues_the_step_count_and_matches_an_uninterrupted_
         assert torch.allclose(resumed[name], value, atol=1e-6), name
 
 
+def test_a_resumed_run_may_change_the_simulation_and_every_run_records_its_own(tmp_path):
+    out = tmp_path / 'model'
+    resume = ['--resume', str(out / 'checkpoint.pt')]
+    arguments = ['--out', str(out), *TINY_TRAINING, '--validation-patches', '1']
+    main(['lpcnn', '--steps', '2', *arguments])
+    main(['lpcnn', '--steps', '3', *resume, *arguments, '--background-max-ppm', '0.002'])
+    # Not given again: the checkpoint's settings, now the changed ones.
+    main(['lpcnn', '--steps', '4', *resume, '--out', str(out), '--patch-size', '16', '--validation-patch-size', '16'])
+    card = json.loads((out / 'model_card.json').read_text())
+    assert [run['simulation']['background_max_ppm'] for run in card['runs']] == [0, 0.002, 0.002]
+    assert card['recipe']['background_max_ppm'] == card['generator']['config']['background_max_ppm'] == 0.002
+    # The changed run starts by scoring the model on its own, new held-out patches.
+    log = [json.loads(line) for line in (out / 'training_log.jsonl').read_text().splitlines()]
+    assert [entry['step'] for entry in log if 'validation_nrmse' in entry] == [0, 2, 2, 3, 4]
+
+
 def test_load_model_refuses_weights_that_do_not_match_the_card(tmp_path):
     main(['lpcnn', '--out', str(tmp_path), '--steps', '1', *TINY_TRAINING, '--validation-patches', '1'])
     load_model(tmp_path / 'model_card.json')

@@ -11,11 +11,14 @@ version and seed, steps, hardware and wall time of each run, validation NRMSE, s
 
 Every choice of the training is an argument and is written into the card. ``--steps`` is the
 total step count: a resumed run continues from the checkpoint's step with the checkpoint's
-recipe (arguments that differ from it are reported and ignored), and because batch k is drawn
-from the seed and k alone it sees the batches an uninterrupted run would. Patch size, batch
-size and learning rate are a schedule, not the recipe: each run may set its own (a CPU run
-trains on small patches, a later GPU run resumes it on large ones), and the card records them
-per run.
+recipe (model and optimisation arguments that differ from it are reported and ignored), and
+because batch k is drawn from the seed and k alone it sees the batches an uninterrupted run
+would. Patch size, batch size and learning rate are a schedule, not the recipe: each run may
+set its own (a CPU run trains on small patches, a later GPU run resumes it on large ones), and
+the card records them per run. The simulation settings are the checkpoint's unless a resumed
+run gives them on the command line: then that run, and its validation, draw from the new
+settings (the model is fine-tuned on a corrected distribution rather than retrained); every
+run records the settings it drew from, and the recipe holds the last run's.
 
 SIGTERM or SIGINT (a batch scheduler's time limit, Ctrl-C) ends the run after the current step
 with the checkpoint, weights and card written, so it can be resumed or shipped as it is.
@@ -46,6 +49,9 @@ LOG_NAME = 'training_log.jsonl'
 # Arguments that say where and how long to run, not what is trained: not part of the recipe.
 RUN_ARGUMENTS = ('command', 'out', 'steps', 'resume', 'device', 'checkpoint_every', 'log_every')
 SCHEDULE_ARGUMENTS = ('patch_size', 'batch_size', 'learning_rate')
+# Settings of the simulated training data: the checkpoint's, unless a resumed run gives them.
+SIMULATION_ARGUMENTS = ('voxel_size_range', 'max_orientations', 'max_tilt_deg', 'noise_max_ppm',
+                        'background_max_ppm', 'brain_fraction', 'supersampling', 'simulation_pad_factor')
 
 
 def _fraction(text):
@@ -87,10 +93,9 @@ def _build_parser():
 
     optimisation = lpcnn.add_argument_group('optimisation')
     optimisation.add_argument('--batch-size', type=_positive_int, default=4, help='patches per step')
-    # Small patches leave their low spatial frequencies poorly determined, and the CNN learns
-    # corrections sized for that: the model trained on 32^3 shrank a whole simulated head's
-    # susceptibility by a factor 1.31 (least-squares scale to the truth), so it scored worse than
-    # its own L2 start. Resumed on 64^3 for 1678 steps: scale 1.24, held-out patches 45.0 -> 42.7 %.
+    # The model trained on 32^3 shrank a whole simulated head's susceptibility by a factor 1.31
+    # (least-squares scale to the truth); resumed on 64^3 for 1678 steps, by 1.24. Most of the
+    # shrinkage came from too strong a residual background (see SimulationConfig), not the size.
     optimisation.add_argument('--patch-size', type=_positive_int, default=64, help='patch edge in voxels')
     optimisation.add_argument('--learning-rate', type=float, default=1e-4, help='Adam learning rate')
     # Without clipping, a batch with a strong calcification or vein (errors of several ppm) took
@@ -105,32 +110,46 @@ def _build_parser():
     optimisation.add_argument('--validation-patch-size', type=_positive_int, default=48,
                               help='edge in voxels of the held-out patches')
 
-    simulation = lpcnn.add_argument_group('simulation')
+    # No argparse defaults here: a resumed run keeps its checkpoint's settings unless given.
+    simulation = lpcnn.add_argument_group('simulation (defaults: a fresh run, SimulationConfig; a resumed '
+                                          "run, its checkpoint's)")
     defaults = SimulationConfig()
-    simulation.add_argument('--voxel-size-range', type=float, nargs=2, default=list(defaults.voxel_size_range_mm),
-                            metavar=('MIN', 'MAX'), help='voxel size range in mm, drawn per axis')
-    simulation.add_argument('--max-orientations', type=_positive_int, default=defaults.max_orientations)
-    simulation.add_argument('--max-tilt-deg', type=float, default=defaults.max_tilt_deg,
-                            help='largest angle between the first and any other B0 direction')
-    simulation.add_argument('--noise-max-ppm', type=float, default=defaults.noise_max_ppm,
-                            help='largest standard deviation of the white field noise')
-    simulation.add_argument('--background-max-ppm', type=float, default=defaults.background_max_ppm,
-                            help='largest RMS of the residual background field')
-    simulation.add_argument('--brain-fraction', type=_fraction, default=defaults.brain_fraction,
-                            help='fraction of brain-like patches (the rest are random shapes)')
-    simulation.add_argument('--supersampling', type=_positive_int, default=defaults.supersampling,
-                            help='fine grid factor of the simulated field')
-    simulation.add_argument('--simulation-pad-factor', type=float, default=defaults.pad_factor,
-                            help="zero padding of the simulator's dipole FFT grid")
+    simulation.add_argument('--voxel-size-range', type=float, nargs=2, metavar=('MIN', 'MAX'),
+                            help=f'voxel size range in mm, drawn per axis (default: {defaults.voxel_size_range_mm})')
+    simulation.add_argument('--max-orientations', type=_positive_int,
+                            help=f'most head orientations of a sample (default: {defaults.max_orientations})')
+    simulation.add_argument('--max-tilt-deg', type=float,
+                            help='largest angle between the first and any other B0 direction '
+                                 f'(default: {defaults.max_tilt_deg})')
+    simulation.add_argument('--noise-max-ppm', type=float,
+                            help=f'largest standard deviation of the white field noise (default: {defaults.noise_max_ppm})')
+    simulation.add_argument('--background-max-ppm', type=float,
+                            help=f'largest RMS of the residual background field (default: {defaults.background_max_ppm})')
+    simulation.add_argument('--brain-fraction', type=_fraction,
+                            help=f'fraction of brain-like patches, the rest random shapes (default: {defaults.brain_fraction})')
+    simulation.add_argument('--supersampling', type=_positive_int,
+                            help=f'fine grid factor of the simulated field (default: {defaults.supersampling})')
+    simulation.add_argument('--simulation-pad-factor', type=float,
+                            help=f"zero padding of the simulator's dipole FFT grid (default: {defaults.pad_factor})")
     return parser
 
 
-def simulation_config(recipe):
+def default_simulation_settings():
+    """The simulation arguments of a fresh run that gives none, from ``SimulationConfig``."""
+    defaults = SimulationConfig()
+    return {'voxel_size_range': list(defaults.voxel_size_range_mm), 'max_orientations': defaults.max_orientations,
+            'max_tilt_deg': defaults.max_tilt_deg, 'noise_max_ppm': defaults.noise_max_ppm,
+            'background_max_ppm': defaults.background_max_ppm, 'brain_fraction': defaults.brain_fraction,
+            'supersampling': defaults.supersampling, 'simulation_pad_factor': defaults.pad_factor}
+
+
+def simulation_config(settings):
+    """The ``SimulationConfig`` of a recipe or a run's ``simulation`` (the arguments' names)."""
     return SimulationConfig(
-        voxel_size_range_mm=tuple(recipe['voxel_size_range']), max_orientations=recipe['max_orientations'],
-        max_tilt_deg=recipe['max_tilt_deg'], noise_max_ppm=recipe['noise_max_ppm'],
-        background_max_ppm=recipe['background_max_ppm'], brain_fraction=recipe['brain_fraction'],
-        supersampling=recipe['supersampling'], pad_factor=recipe['simulation_pad_factor'])
+        voxel_size_range_mm=tuple(settings['voxel_size_range']), max_orientations=settings['max_orientations'],
+        max_tilt_deg=settings['max_tilt_deg'], noise_max_ppm=settings['noise_max_ppm'],
+        background_max_ppm=settings['background_max_ppm'], brain_fraction=settings['brain_fraction'],
+        supersampling=settings['supersampling'], pad_factor=settings['simulation_pad_factor'])
 
 
 def _model_from_recipe(recipe):
@@ -207,10 +226,18 @@ def _save_atomically(content, path):
 
 
 def _restore_recipe(args, checkpoint):
-    """The checkpoint's recipe, reporting the arguments given that differ from it."""
-    recipe = checkpoint['recipe']
+    """The checkpoint's recipe with the simulation settings given on the command line, reporting
+    the model and optimisation arguments given that differ from it (those are ignored)."""
+    recipe = dict(checkpoint['recipe'])
     for key, value in vars(args).items():
-        if key not in RUN_ARGUMENTS + SCHEDULE_ARGUMENTS and recipe.get(key) != value:
+        if key in RUN_ARGUMENTS + SCHEDULE_ARGUMENTS:
+            continue
+        if key in SIMULATION_ARGUMENTS:
+            if value is not None and value != recipe[key]:
+                print(f'qsmprep-train: --{key.replace("_", "-")} {value}: this run draws from it instead of '
+                      f'the {recipe[key]} that {args.resume} was trained with', file=sys.stderr)
+                recipe[key] = value
+        elif recipe.get(key) != value:
             print(f'qsmprep-train: --{key.replace("_", "-")} {value} ignored: {args.resume} was trained with '
                   f'{recipe.get(key)}', file=sys.stderr)
     if checkpoint['generator_version'] != GENERATOR_VERSION:
@@ -220,9 +247,17 @@ def _restore_recipe(args, checkpoint):
     return recipe
 
 
+def _earlier_runs(checkpoint):
+    """The checkpoint's runs, each with the simulation settings it drew from (runs recorded before
+    runs carried them drew from the checkpoint's recipe)."""
+    simulation = {key: checkpoint['recipe'][key] for key in SIMULATION_ARGUMENTS}
+    return [{**run, 'simulation': run.get('simulation', simulation)} for run in checkpoint['runs']]
+
+
 def _start(args, device):
     """Recipe, model, optimizer, first step and earlier runs: fresh, or from ``args.resume``."""
     recipe = {key: value for key, value in vars(args).items() if key not in RUN_ARGUMENTS + SCHEDULE_ARGUMENTS}
+    recipe.update({key: value for key, value in default_simulation_settings().items() if recipe[key] is None})
     checkpoint = None
     if args.resume is not None:
         checkpoint = torch.load(args.resume, map_location=device, weights_only=True)
@@ -236,7 +271,7 @@ def _start(args, device):
     optimizer.load_state_dict(checkpoint['optimizer_state'])
     for group in optimizer.param_groups:
         group['lr'] = args.learning_rate
-    return recipe, model, optimizer, checkpoint['step'], checkpoint['runs']
+    return recipe, model, optimizer, checkpoint['step'], _earlier_runs(checkpoint)
 
 
 def train_lpcnn(args):
@@ -250,6 +285,7 @@ def train_lpcnn(args):
     recipe, model, optimizer, step, earlier_runs = _start(args, device)
     first_step = step
     config = simulation_config(recipe)
+    simulation = {key: recipe[key] for key in SIMULATION_ARGUMENTS}
     validation = [simulate_batch(recipe['seed'], index, 1, recipe['validation_patch_size'], config,
                                  VALIDATION_STREAM)[0]
                   for index in range(recipe['validation_patches'])]
@@ -263,7 +299,8 @@ def train_lpcnn(args):
 
     def checkpoint_and_validate():
         this_run = {'first_step': first_step, 'last_step': step, 'wall_time_s': time.monotonic() - started,
-                    **{key: getattr(args, key) for key in SCHEDULE_ARGUMENTS}, 'hardware': _hardware(device)}
+                    **{key: getattr(args, key) for key in SCHEDULE_ARGUMENTS},
+                    'simulation': simulation, 'hardware': _hardware(device)}
         runs = earlier_runs + [this_run]
         _save_atomically({'step': step, 'model_state': model.state_dict(), 'optimizer_state': optimizer.state_dict(),
                           'recipe': recipe, 'generator_version': GENERATOR_VERSION, 'runs': runs},
@@ -279,8 +316,9 @@ def train_lpcnn(args):
 
     previous_handlers = {number: signal.signal(number, request_stop) for number in (signal.SIGTERM, signal.SIGINT)}
     with log:
-        if step == 0:
-            write_log({'step': 0, **validate(model, validation, device, recipe['loss'])})
+        if step == 0 or earlier_runs[-1]['simulation'] != simulation:
+            # The starting score on this run's held-out patches, which are new if the settings are.
+            write_log({'step': step, **validate(model, validation, device, recipe['loss'])})
         model.train()
         while step < args.steps and not stop_requests:
             samples = simulate_batch(recipe['seed'], step, args.batch_size, args.patch_size, config)
