@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One lent-GPU session for LP-CNN: resume the shipped checkpoint on the GPU for MINUTES minutes,
+# then time inference on 160^3 on that GPU and check it against the CPU. Everything it makes
+# lands in $OUT (the device tool returns that folder): model/ holds checkpoint.pt, model.pt,
+# model_card.json and training_log.jsonl to copy into qsmprep/learned/models/lpcnn/ once
+# tests/test_lpcnn.py and benchmarks/inversion_benchmark.py have been rerun here with them.
+#
+# The GPU machine has python3 with torch, numpy and scipy but no nibabel or nilearn (the
+# brain-like phantoms need nilearn's MNI maps) and no network, so their wheels travel in .whl/:
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       nibabel==5.4.2 nilearn==0.14.1
+#
+# and the device tool runs, with carry [".whl"] and a timeout of MINUTES + 3 minutes:
+#
+#   bash scripts/gpu_session.sh MINUTES [--patch-size 96 --batch-size 4 --learning-rate 1e-4 ...]
+#
+# Arguments after MINUTES go to qsmprep-train (its schedule: patch size, batch size, learning rate).
+set -euo pipefail
+minutes=${1:?usage: bash scripts/gpu_session.sh MINUTES [qsmprep-train arguments]}
+shift
+out=${OUT:?OUT must name the folder to leave the results in}
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+mkdir -p "$out/model"
+cp qsmprep/learned/models/lpcnn/checkpoint.pt qsmprep/learned/models/lpcnn/training_log.jsonl "$out/model/"
+# SIGTERM at the time limit ends training after the current step with checkpoint and card written.
+timeout --signal=TERM "${minutes}m" python3 -m qsmprep.learned.train lpcnn --out "$out/model" \
+    --resume "$out/model/checkpoint.pt" --steps 10000000 --device cuda --checkpoint-every 200 --log-every 20 \
+    "$@" || [ $? -eq 124 ]
+
+python3 - "$out/model" <<'EOF' | tee "$out/gpu_timing.txt"
+"""Seconds of LP-CNN inference on a 160^3 box on the GPU, and its agreement with the CPU."""
+import sys
+import time
+
+import numpy as np
+import torch
+
+from qsmprep.learned import lpcnn
+from qsmprep.learned.models import load_model
+from qsmprep.science.physics import DipoleOperator
+
+model = load_model(sys.argv[1])
+shape, voxel_size, b0_dir = (160, 160, 160), (1.0, 1.0, 1.0), np.array([0.0, 0.0, 1.0])
+grid = np.indices(shape).astype(np.float32) - 79.5
+mask = (grid ** 2).sum(axis=0) < 70 ** 2
+chi = np.where(mask, 0.05 * np.sin(grid[0] / 7) * np.cos(grid[1] / 11), 0).astype(np.float32)
+field = np.where(mask, DipoleOperator(shape, voxel_size, b0_dir, pad_factor=1.5).forward(chi), 0)
+
+lpcnn.lpcnn_invert(field, mask, voxel_size, b0_dir, model, device='cuda')  # warm-up
+seconds = []
+for _ in range(3):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    on_gpu = lpcnn.lpcnn_invert(field, mask, voxel_size, b0_dir, model, device='cuda')
+    torch.cuda.synchronize()
+    seconds.append(time.perf_counter() - start)
+on_cpu = lpcnn.lpcnn_invert(field, mask, voxel_size, b0_dir, model, device='cpu')
+difference = np.abs(on_gpu - on_cpu).max() / np.abs(on_cpu).max()
+print(f'{torch.cuda.get_device_name()}: LP-CNN on 160^3 in {min(seconds):.2f} s (best of 3 after a warm-up), '
+      f'peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB; '
+      f'largest GPU-CPU difference {difference:.1e} of the largest value')
+EOF
