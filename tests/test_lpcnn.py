@@ -156,6 +156,8 @@ def test_a_few_training_steps_lower_the_validation_error_and_the_card_describes_
     assert card['steps'] == 30 and card['generator'] == {
         'version': simulate.GENERATOR_VERSION, 'seed': 1, 'config': card['generator']['config']}
     assert card['validation']['nrmse_percent'] == validations[-1]
+    # TINY_TRAINING draws random shapes alone.
+    assert card['validation']['nrmse_percent_by_kind'] == {'shapes': validations[-1]}
     assert card['runs'][0]['patch_size'] == 16 and card['architecture']['channels'] == 8
     model = load_model(tmp_path)
     fields, mask = _fields_and_mask(shape=(16, 16, 16), orientations=1)
