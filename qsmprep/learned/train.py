@@ -49,9 +49,12 @@ LOG_NAME = 'training_log.jsonl'
 # Arguments that say where and how long to run, not what is trained: not part of the recipe.
 RUN_ARGUMENTS = ('command', 'out', 'steps', 'resume', 'device', 'checkpoint_every', 'log_every')
 SCHEDULE_ARGUMENTS = ('patch_size', 'batch_size', 'learning_rate')
-# Settings of the simulated training data: the checkpoint's, unless a resumed run gives them.
-SIMULATION_ARGUMENTS = ('voxel_size_range', 'max_orientations', 'max_tilt_deg', 'noise_max_ppm',
-                        'background_max_ppm', 'brain_fraction', 'supersampling', 'simulation_pad_factor')
+# Settings of the simulated training data (the checkpoint's, unless a resumed run gives them),
+# each with the SimulationConfig field it sets.
+SIMULATION_ARGUMENTS = {'voxel_size_range': 'voxel_size_range_mm', 'max_orientations': 'max_orientations',
+                        'max_tilt_deg': 'max_tilt_deg', 'noise_max_ppm': 'noise_max_ppm',
+                        'background_max_ppm': 'background_max_ppm', 'brain_fraction': 'brain_fraction',
+                        'supersampling': 'supersampling', 'simulation_pad_factor': 'pad_factor'}
 
 
 def _fraction(text):
@@ -135,21 +138,17 @@ def _build_parser():
 
 
 def default_simulation_settings():
-    """The simulation arguments of a fresh run that gives none, from ``SimulationConfig``."""
-    defaults = SimulationConfig()
-    return {'voxel_size_range': list(defaults.voxel_size_range_mm), 'max_orientations': defaults.max_orientations,
-            'max_tilt_deg': defaults.max_tilt_deg, 'noise_max_ppm': defaults.noise_max_ppm,
-            'background_max_ppm': defaults.background_max_ppm, 'brain_fraction': defaults.brain_fraction,
-            'supersampling': defaults.supersampling, 'simulation_pad_factor': defaults.pad_factor}
+    """The simulation arguments of a fresh run that gives none, from ``SimulationConfig`` (the
+    voxel size range as the list that argparse and a card hold)."""
+    defaults = dataclasses.asdict(SimulationConfig())
+    return {argument: list(defaults[field]) if isinstance(defaults[field], tuple) else defaults[field]
+            for argument, field in SIMULATION_ARGUMENTS.items()}
 
 
 def simulation_config(settings):
     """The ``SimulationConfig`` of a recipe or a run's ``simulation`` (the arguments' names)."""
-    return SimulationConfig(
-        voxel_size_range_mm=tuple(settings['voxel_size_range']), max_orientations=settings['max_orientations'],
-        max_tilt_deg=settings['max_tilt_deg'], noise_max_ppm=settings['noise_max_ppm'],
-        background_max_ppm=settings['background_max_ppm'], brain_fraction=settings['brain_fraction'],
-        supersampling=settings['supersampling'], pad_factor=settings['simulation_pad_factor'])
+    return SimulationConfig(**{field: tuple(settings[argument]) if isinstance(settings[argument], list)
+                               else settings[argument] for argument, field in SIMULATION_ARGUMENTS.items()})
 
 
 def _model_from_recipe(recipe):
