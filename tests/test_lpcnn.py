@@ -20,7 +20,8 @@ TINY_MODEL = ['--channels', '8', '--blocks', '2']
 # Noise-free single-orientation shapes: a problem on which a tiny model visibly learns in 30 steps.
 TINY_TRAINING = ['--patch-size', '16', '--validation-patch-size', '16', '--batch-size', '2', *TINY_MODEL, '--validation-patches', '6',
                  '--brain-fraction', '0', '--noise-max-ppm', '0', '--background-max-ppm', '0',
-                 '--max-orientations', '1', '--learning-rate', '1e-3', '--log-every', '1']
+                 '--max-orientations', '1', '--learning-rate', '1e-3', '--log-every', '1',
+                 '--validation-head-voxel-size', '0']
 OBLIQUE = np.array([[0.2, -0.3, 0.93], [0.6, 0.1, 0.7]])
 OBLIQUE /= np.linalg.norm(OBLIQUE, axis=1, keepdims=True)
 ANISOTROPIC_VOXEL = (0.7, 1.1, 1.4)
@@ -194,9 +195,39 @@ def test_a_resumed_run_may_change_the_simulation_and_every_run_records_its_own(t
     card = json.loads((out / 'model_card.json').read_text())
     assert [run['simulation']['background_max_ppm'] for run in card['runs']] == [0, 0.002, 0.002]
     assert card['recipe']['background_max_ppm'] == card['generator']['config']['background_max_ppm'] == 0.002
-    # The changed run starts by scoring the model on its own, new held-out patches.
+    # Each run starts by scoring the model on its own held-out patches (the second run's are new).
     log = [json.loads(line) for line in (out / 'training_log.jsonl').read_text().splitlines()]
-    assert [entry['step'] for entry in log if 'validation_nrmse' in entry] == [0, 2, 2, 3, 4]
+    assert [entry['step'] for entry in log if 'validation_nrmse' in entry] == [0, 2, 2, 3, 3, 4]
+
+
+def test_simulation_workers_yield_the_batches_of_the_training_process_and_a_head_is_scored(tmp_path):
+    arguments = ['--steps', '3', *TINY_TRAINING, '--validation-patches', '1', '--validation-head-voxel-size', '8']
+    main(['lpcnn', '--out', str(tmp_path / 'alone'), '--workers', '0', *arguments])
+    main(['lpcnn', '--out', str(tmp_path / 'workers'), '--workers', '2', *arguments])
+    alone = torch.load(tmp_path / 'alone' / 'model.pt', weights_only=True)
+    with_workers = torch.load(tmp_path / 'workers' / 'model.pt', weights_only=True)
+    for name, value in alone.items():
+        assert torch.equal(with_workers[name], value), name
+    card = json.loads((tmp_path / 'workers' / 'model_card.json').read_text())
+    assert card['runs'][0]['simulation_workers'] == 2
+    head = card['validation']['head']
+    assert head['voxel_size_mm'] == 8 and head['noise_ppm'] == head['background_ppm'] == 0
+    log = [json.loads(line) for line in (tmp_path / 'workers' / 'training_log.jsonl').read_text().splitlines()]
+    assert log[-1]['head_nrmse'] == head['nrmse_percent'] and np.isfinite(head['scale'])
+
+
+def test_validation_head_is_a_whole_brain_whose_field_follows_the_dipole_model():
+    config = simulate.SimulationConfig(noise_max_ppm=0, background_max_ppm=0)
+    head = simulate.simulate_head(0, 6.0, config)
+    assert head.kind == 'head' and head.local_fields_ppm.shape == (1, *head.mask.shape)
+    # The template's brain, about 140 x 175 x 140 mm, in a random rotation, cropped to its mask.
+    extent_mm = np.array(head.mask.shape) * 6.0
+    assert extent_mm.min() > 120 and extent_mm.max() < 200 and head.mask.mean() > 0.25
+    assert np.array_equal(head.chi_ppm, simulate.simulate_head(0, 6.0, config).chi_ppm)
+    operator = DipoleOperator(head.mask.shape, head.voxel_size, head.b0_dirs[0], pad_factor=2)
+    coarse = np.where(head.mask, operator.forward(head.chi_ppm), 0)
+    field = head.local_fields_ppm[0]
+    assert np.corrcoef(coarse[head.mask], field[head.mask])[0, 1] > 0.8
 
 
 def test_load_model_refuses_weights_that_do_not_match_the_card(tmp_path):

@@ -169,12 +169,19 @@ def _deformation(rng, coordinates):
     return displacement
 
 
-def brain_like(rng, shape, spacing_mm):
-    """A patch of a randomised MNI152 brain: tissue values, rotation, deformation and inclusions."""
+def brain_centre():
+    """The centre of mass of the template's brain, as a template voxel index."""
+    return np.asarray(ndimage.center_of_mass(mni_tissue_maps()['brain']), dtype=np.float32)
+
+
+def brain_like(rng, shape, spacing_mm, centre=None):
+    """A patch of a randomised MNI152 brain: tissue values, rotation, deformation and inclusions,
+    around ``centre`` (a template voxel index; default: a random voxel of the brain)."""
     maps = mni_tissue_maps()
     coordinates = local_coordinates(shape, spacing_mm)
     rotation = Rotation.random(random_state=rng).as_matrix().astype(np.float32)
-    centre = _random_brain_centre(rng, maps['brain'])
+    if centre is None:
+        centre = _random_brain_centre(rng, maps['brain'])
     displacement = _deformation(rng, coordinates)
     # The MNI maps are 1 mm isotropic, so template mm are template voxel indices (from the centre).
     template_indices = [centre[row] + displacement[row] + sum(rotation[row, axis] * coordinates[axis]

@@ -4,7 +4,8 @@ A sample is a susceptibility patch (``phantoms.random_shapes`` or ``phantoms.bra
 mask, a random voxel size, one to ``max_orientations`` random B0 directions and the local
 field of each, with noise and a residual background field. Everything is drawn from one seeded
 generator per batch, keyed by (seed, stream, step): a run resumed at step k sees the batches an
-uninterrupted run would, and the validation stream never overlaps the training one.
+uninterrupted run would, and the validation stream never overlaps the training one. A third
+stream draws ``simulate_head``, the whole brain the training command validates on.
 
 The field is computed as benchmarks/simulate_bids.py's ``voxel_averaged_field`` explains: on a
 grid ``supersampling`` times finer than the patch (the phantom drawn there, not copied), with
@@ -19,14 +20,20 @@ import dataclasses
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from qsmprep.science.masking import bounding_box
 from qsmprep.science.physics import DipoleOperator
 
 from . import phantoms
 
 GENERATOR_VERSION = '1.0'
-TRAINING_STREAM, VALIDATION_STREAM = 0, 1
+TRAINING_STREAM, VALIDATION_STREAM, HEAD_STREAM = 0, 1, 2
 # Most acquisitions are axial, with B0 along the third voxel axis; the others have any direction.
 AXIAL_PROBABILITY = 0.3
+# The validation head's grid holds the template's brain (about 180 mm across at most) in any rotation.
+HEAD_EXTENT_MM = 192.0
+HEAD_B0_TILT_DEG = 20.0
+# Its residual background and noise are this fraction of the largest the training draws: their mean.
+HEAD_DISTURBANCE_FRACTION = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +101,22 @@ def residual_background(rng, shape, mask, rms_ppm):
     return (field * (rms_ppm / rms if rms > 0 else 0.0)).astype(np.float32)
 
 
+def _voxel_averaged_truth(fine_chi, fine_mask, supersampling):
+    """The susceptibility and mask a scanner's voxels hold: voxel averages of the fine maps."""
+    mask = _voxel_average(fine_mask.astype(np.float32), supersampling) >= 0.5
+    return np.where(mask, _voxel_average(fine_chi, supersampling), 0).astype(np.float32), mask
+
+
+def _measured_field(rng, fine_chi, fine_spacing, mask, b0_dir, background_rms_ppm, noise_std_ppm, config):
+    """The local field of ``fine_chi`` for ``b0_dir`` as a scanner's voxels measure it, with a
+    residual background of ``background_rms_ppm`` and white noise, 0 outside ``mask``."""
+    operator = DipoleOperator(fine_chi.shape, fine_spacing, b0_dir, pad_factor=config.pad_factor)
+    field = _voxel_average(operator.forward(fine_chi), config.supersampling)
+    field += residual_background(rng, field.shape, mask, background_rms_ppm)
+    field += noise_std_ppm * rng.standard_normal(field.shape).astype(np.float32)
+    return np.where(mask, field, 0)
+
+
 def simulate_sample(rng, patch_size, orientations, config):
     """One ``TrainingSample`` of ``patch_size`` voxels per side with ``orientations`` fields."""
     s = config.supersampling
@@ -103,18 +126,39 @@ def simulate_sample(rng, patch_size, orientations, config):
     kind = 'brain' if rng.random() < config.brain_fraction else 'shapes'
     draw = phantoms.brain_like if kind == 'brain' else phantoms.random_shapes
     fine_chi, fine_mask = draw(rng, fine_shape, fine_spacing)
-    mask = _voxel_average(fine_mask.astype(np.float32), s) >= 0.5
-    chi = np.where(mask, _voxel_average(fine_chi, s), 0).astype(np.float32)
+    chi, mask = _voxel_averaged_truth(fine_chi, fine_mask, s)
     b0_dirs = random_b0_directions(rng, orientations, config.max_tilt_deg)
     noise_std = rng.uniform(0, config.noise_max_ppm)
-    fields = []
-    for b0_dir in b0_dirs:
-        operator = DipoleOperator(fine_shape, fine_spacing, b0_dir, pad_factor=config.pad_factor)
-        field = _voxel_average(operator.forward(fine_chi), s)
-        field += residual_background(rng, field.shape, mask, rng.uniform(0, config.background_max_ppm))
-        field += noise_std * rng.standard_normal(field.shape).astype(np.float32)
-        fields.append(np.where(mask, field, 0))
+    fields = [_measured_field(rng, fine_chi, fine_spacing, mask, b0_dir, rng.uniform(0, config.background_max_ppm),
+                              noise_std, config) for b0_dir in b0_dirs]
     return TrainingSample(chi, mask, np.asarray(fields, dtype=np.float32), voxel_size, b0_dirs, kind)
+
+
+def simulate_head(seed, voxel_size_mm, config):
+    """One whole brain for validation, as a ``TrainingSample`` of kind 'head' cropped to its mask.
+
+    Held-out patches score the network on what it trains on; a whole brain scores it on what
+    it is used for, where a bias at low spatial frequencies (such as shrinking everything) shows
+    in a way that 48^3 patches hide. It is ``phantoms.brain_like`` drawn around the centre of
+    the whole template (random tissue values, rotation, deformation and inclusions) on
+    isotropic voxels, with one B0 direction tilted by ``HEAD_B0_TILT_DEG`` and
+    ``HEAD_DISTURBANCE_FRACTION`` of the largest residual background and noise of ``config``.
+    Its own stream keeps it apart from the training and validation patches, and it is not the
+    benchmarks' head.
+    """
+    rng = np.random.default_rng([seed, HEAD_STREAM])
+    s = config.supersampling
+    voxel_size = np.full(3, float(voxel_size_mm))
+    fine_shape = (int(np.ceil(HEAD_EXTENT_MM / voxel_size_mm)) * s,) * 3
+    fine_chi, fine_mask = phantoms.brain_like(rng, fine_shape, voxel_size / s, centre=phantoms.brain_centre())
+    chi, mask = _voxel_averaged_truth(fine_chi, fine_mask, s)
+    tilt = np.deg2rad(HEAD_B0_TILT_DEG)
+    b0_dir = np.array([np.sin(tilt), 0.0, np.cos(tilt)])
+    field = _measured_field(rng, fine_chi, voxel_size / s, mask, b0_dir,
+                            HEAD_DISTURBANCE_FRACTION * config.background_max_ppm,
+                            HEAD_DISTURBANCE_FRACTION * config.noise_max_ppm, config)
+    box = bounding_box(mask, margin=2)
+    return TrainingSample(chi[box], mask[box], field[box][np.newaxis], voxel_size, b0_dir[np.newaxis], 'head')
 
 
 def simulate_batch(seed, step, batch_size, patch_size, config, stream=TRAINING_STREAM):

@@ -6,12 +6,16 @@
 DIR receives ``checkpoint.pt`` (weights, optimizer state, step, recipe: what ``--resume``
 continues from), ``model.pt`` (the weights alone), ``model_card.json`` (recipe, generator
 version and seed, steps, hardware and wall time of each run, validation NRMSE, sha256 of
-``model.pt``) and
-``training_log.jsonl`` (one line per logged step and per validation).
+``model.pt``) and ``training_log.jsonl`` (one line per logged step and per validation).
+
+Validation, at the start of each run and at each checkpoint, scores held-out simulated patches
+and one whole simulated brain (``simulate.simulate_head``; not the benchmarks' head). Worker
+processes simulate the coming batches while the model trains (``--workers``).
 
 Every choice of the training is an argument and is written into the card. ``--steps`` is the
 total step count: a resumed run continues from the checkpoint's step with the checkpoint's
-recipe (model and optimisation arguments that differ from it are reported and ignored), and
+recipe (model and optimisation arguments that differ from it are reported and ignored; those
+the checkpoint predates take the command line's value), and
 because batch k is drawn from the seed and k alone it sees the batches an uninterrupted run
 would. Patch size, batch size and learning rate are a schedule, not the recipe: each run may
 set its own (a CPU run trains on small patches, a later GPU run resumes it on large ones), and
@@ -41,13 +45,15 @@ from qsmprep import __version__
 from qsmprep.cli.parser import _positive_int
 from qsmprep.science import inversion, metrics
 
-from .lpcnn import INITIAL_ESTIMATES, INITIAL_L2_WEIGHT, LPCNN, NETWORK_UNITS_PER_PPM, default_device
+from .lpcnn import (INITIAL_ESTIMATES, INITIAL_L2_WEIGHT, LPCNN, NETWORK_UNITS_PER_PPM, default_device,
+                    lpcnn_invert)
 from .models import CARD_NAME, CHECKPOINT_NAME, WEIGHTS_NAME, sha256_of
-from .simulate import GENERATOR_VERSION, VALIDATION_STREAM, SimulationConfig, simulate_batch
+from .simulate import (GENERATOR_VERSION, HEAD_DISTURBANCE_FRACTION, VALIDATION_STREAM, SimulationConfig,
+                       simulate_batch, simulate_head)
 
 LOG_NAME = 'training_log.jsonl'
 # Arguments that say where and how long to run, not what is trained: not part of the recipe.
-RUN_ARGUMENTS = ('command', 'out', 'steps', 'resume', 'device', 'checkpoint_every', 'log_every')
+RUN_ARGUMENTS = ('command', 'out', 'steps', 'resume', 'device', 'workers', 'checkpoint_every', 'log_every')
 SCHEDULE_ARGUMENTS = ('patch_size', 'batch_size', 'learning_rate')
 # Settings of the simulated training data (the checkpoint's, unless a resumed run gives them),
 # each with the SimulationConfig field it sets.
@@ -64,6 +70,17 @@ def _fraction(text):
     return value
 
 
+def _worker_count(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'{text} is negative')
+    return value
+
+
+def _default_workers():
+    return max(len(os.sched_getaffinity(0)) - 1, 0)
+
+
 def _build_parser():
     parser = argparse.ArgumentParser(prog='qsmprep-train', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,6 +93,11 @@ def _build_parser():
     run.add_argument('--resume', type=Path, help='checkpoint.pt to continue from')
     run.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
                      help='auto: the GPU when torch sees one, else the CPU')
+    # A 96^3 batch of 4 takes about 9 s to simulate on one core, many times the GPU's step: on a
+    # GPU the simulation sets the pace unless workers simulate the coming batches meanwhile.
+    run.add_argument('--workers', type=_worker_count, default=_default_workers(),
+                     help='processes simulating the coming batches while the model trains (0: the training '
+                          'process simulates each batch itself); default: one per CPU core but one')
     run.add_argument('--checkpoint-every', type=_positive_int, default=500, help='steps between checkpoints')
     run.add_argument('--log-every', type=_positive_int, default=50, help='steps between log lines')
 
@@ -112,6 +134,10 @@ def _build_parser():
                               help='held-out simulated patches scored at each checkpoint')
     optimisation.add_argument('--validation-patch-size', type=_positive_int, default=48,
                               help='edge in voxels of the held-out patches')
+    # At 1.5 mm the head is about 110^3 voxels: 13 s to simulate once, 10-20 s of CPU per checkpoint.
+    optimisation.add_argument('--validation-head-voxel-size', type=float, default=1.5,
+                              help='voxel size in mm of the whole simulated brain scored at each checkpoint '
+                                   '(0: none)')
 
     # No argparse defaults here: a resumed run keeps its checkpoint's settings unless given.
     simulation = lpcnn.add_argument_group('simulation (defaults: a fresh run, SimulationConfig; a resumed '
@@ -205,10 +231,51 @@ def validate(model, samples, device, loss_kind):
                                          for kind in sorted({sample.kind for sample in samples})}}
 
 
+def validate_head(model, head, device):
+    """NRMSE (percent) of the model on the validation head and the least-squares factor from its
+    estimate to the truth (above 1: the estimate is too small)."""
+    estimate = lpcnn_invert(list(head.local_fields_ppm), head.mask, head.voxel_size, head.b0_dirs, model, device)
+    model.train()
+    inside_estimate, inside_truth = estimate[head.mask], head.chi_ppm[head.mask]
+    scale = float(inside_estimate @ inside_truth / max(float(inside_estimate @ inside_estimate), 1e-30))
+    return {'head_nrmse': float(metrics.nrmse(estimate, head.chi_ppm, head.mask)), 'head_scale': scale}
+
+
 def tkd_validation_nrmse(samples):
     """Mean NRMSE (percent) of TKD on the first orientation of each held-out sample: the card's baseline."""
     return float(np.mean([metrics.nrmse(inversion.tkd(s.local_fields_ppm[0], s.mask, s.voxel_size, s.b0_dirs[0]),
                                         s.chi_ppm, s.mask) for s in samples]))
+
+
+class SimulatedBatches(torch.utils.data.Dataset):
+    """The training batch of each step (``simulate_batch``), indexed by step, for a DataLoader."""
+
+    def __init__(self, seed, batch_size, patch_size, config):
+        self.seed, self.batch_size, self.patch_size, self.config = seed, batch_size, patch_size, config
+
+    def __getitem__(self, step):
+        return simulate_batch(self.seed, step, self.batch_size, self.patch_size, self.config)
+
+
+def _samples_as_simulated(samples):
+    return samples
+
+
+def _ignore_stop_signals(worker_id):
+    # A batch scheduler's SIGTERM reaches the whole process group; only the training process
+    # acts on it (ending after the current step), so the workers must outlive it until then.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def training_batches(recipe, config, batch_size, patch_size, first_step, last_step, workers):
+    """The batches of steps ``first_step`` to ``last_step``, in order, simulated ahead in
+    ``workers`` processes. Batch k depends on the seed and k alone, so any number of workers
+    yields the batches one process would."""
+    batches = SimulatedBatches(recipe['seed'], batch_size, patch_size, config)
+    return iter(torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(first_step, last_step),
+                                            num_workers=workers, collate_fn=_samples_as_simulated,
+                                            worker_init_fn=_ignore_stop_signals))
 
 
 def _hardware(device):
@@ -241,9 +308,11 @@ def _restore_recipe(args, checkpoint):
                 print(f'qsmprep-train: --{key.replace("_", "-")} {value}: this run draws from it instead of '
                       f'the {recipe[key]} that {args.resume} was trained with', file=sys.stderr)
                 recipe[key] = value
-        elif recipe.get(key) != value:
+        elif key not in recipe:
+            recipe[key] = value  # an argument newer than the checkpoint
+        elif recipe[key] != value:
             print(f'qsmprep-train: --{key.replace("_", "-")} {value} ignored: {args.resume} was trained with '
-                  f'{recipe.get(key)}', file=sys.stderr)
+                  f'{recipe[key]}', file=sys.stderr)
     if checkpoint['generator_version'] != GENERATOR_VERSION:
         raise SystemExit(f'qsmprep-train: {args.resume} was trained on simulator version '
                          f'{checkpoint["generator_version"]}, this qsmprep simulates version {GENERATOR_VERSION}; '
@@ -293,6 +362,8 @@ def train_lpcnn(args):
     validation = [simulate_batch(recipe['seed'], index, 1, recipe['validation_patch_size'], config,
                                  VALIDATION_STREAM)[0]
                   for index in range(recipe['validation_patches'])]
+    head = (simulate_head(recipe['seed'], recipe['validation_head_voxel_size'], config)
+            if recipe['validation_head_voxel_size'] > 0 else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / LOG_NAME, 'a')
@@ -301,15 +372,21 @@ def train_lpcnn(args):
         log.write(json.dumps(entry) + '\n')
         log.flush()
 
+    def scores_now():
+        scores = validate(model, validation, device, recipe['loss'])
+        if head is not None:
+            scores.update(validate_head(model, head, device))
+        return scores
+
     def checkpoint_and_validate():
         this_run = {'first_step': first_step, 'last_step': step, 'wall_time_s': time.monotonic() - started,
                     **{key: getattr(args, key) for key in SCHEDULE_ARGUMENTS},
-                    'simulation': simulation, 'hardware': _hardware(device)}
+                    'simulation': simulation, 'simulation_workers': args.workers, 'hardware': _hardware(device)}
         runs = earlier_runs + [this_run]
         _save_atomically({'step': step, 'model_state': model.state_dict(), 'optimizer_state': optimizer.state_dict(),
                           'recipe': recipe, 'generator_version': GENERATOR_VERSION, 'runs': runs},
                          out / CHECKPOINT_NAME)
-        scores = validate(model, validation, device, recipe['loss'])
+        scores = scores_now()
         write_log({'step': step, **scores})
         return scores, runs
 
@@ -320,12 +397,12 @@ def train_lpcnn(args):
 
     previous_handlers = {number: signal.signal(number, request_stop) for number in (signal.SIGTERM, signal.SIGINT)}
     with log:
-        if step == 0 or earlier_runs[-1]['simulation'] != simulation:
-            # The starting score on this run's held-out patches, which are new if the settings are.
-            write_log({'step': step, **validate(model, validation, device, recipe['loss'])})
+        # Each run starts with a score on its own held-out data, new if its settings are.
+        write_log({'step': step, **scores_now()})
         model.train()
+        batches = training_batches(recipe, config, args.batch_size, args.patch_size, step, args.steps, args.workers)
         while step < args.steps and not stop_requests:
-            samples = simulate_batch(recipe['seed'], step, args.batch_size, args.patch_size, config)
+            samples = next(batches)
             fields, mask, chi, voxel_sizes, b0_dirs = _batch_tensors(samples, device)
             loss = _masked_loss(model(fields, mask, voxel_sizes, b0_dirs), chi, mask, recipe['loss'])
             optimizer.zero_grad()
@@ -350,7 +427,7 @@ def train_lpcnn(args):
     card = {
         'model': 'lpcnn',
         'qsmprep_version': __version__,
-        'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
         'architecture': model.config,
         'network_units_per_ppm': NETWORK_UNITS_PER_PPM,
         'recipe': recipe,
@@ -365,6 +442,13 @@ def train_lpcnn(args):
                        'tkd_nrmse_percent': tkd_validation_nrmse(validation)},
         'weights': {'file': WEIGHTS_NAME, 'sha256': sha256_of(out / WEIGHTS_NAME)},
     }
+    if head is not None:
+        card['validation']['head'] = {
+            'voxel_size_mm': recipe['validation_head_voxel_size'], 'shape': list(head.mask.shape),
+            'b0_dir': head.b0_dirs[0].tolist(),
+            'noise_ppm': HEAD_DISTURBANCE_FRACTION * config.noise_max_ppm,
+            'background_ppm': HEAD_DISTURBANCE_FRACTION * config.background_max_ppm, 'nrmse_percent': scores['head_nrmse'],
+            'scale': scores['head_scale'], 'tkd_nrmse_percent': tkd_validation_nrmse([head])}
     (out / CARD_NAME).write_text(json.dumps(card, indent=2) + '\n')
     return card
 
