@@ -445,10 +445,10 @@ def train_lpcnn(args):
     if head is not None:
         card['validation']['head'] = {
             'voxel_size_mm': recipe['validation_head_voxel_size'], 'shape': list(head.mask.shape),
-            'b0_dir': head.b0_dirs[0].tolist(),
-            'noise_ppm': HEAD_DISTURBANCE_FRACTION * config.noise_max_ppm,
-            'background_ppm': HEAD_DISTURBANCE_FRACTION * config.background_max_ppm, 'nrmse_percent': scores['head_nrmse'],
-            'scale': scores['head_scale'], 'tkd_nrmse_percent': tkd_validation_nrmse([head])}
+            'b0_dir': head.b0_dirs[0].tolist(), 'noise_ppm': HEAD_DISTURBANCE_FRACTION * config.noise_max_ppm,
+            'background_ppm': HEAD_DISTURBANCE_FRACTION * config.background_max_ppm,
+            'nrmse_percent': scores['head_nrmse'], 'scale': scores['head_scale'],
+            'tkd_nrmse_percent': tkd_validation_nrmse([head])}
     (out / CARD_NAME).write_text(json.dumps(card, indent=2) + '\n')
     return card
 
