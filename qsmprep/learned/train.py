@@ -15,9 +15,8 @@ processes simulate the coming batches while the model trains (``--workers``).
 Every choice of the training is an argument and is written into the card. ``--steps`` is the
 total step count: a resumed run continues from the checkpoint's step with the checkpoint's
 recipe (model and optimisation arguments that differ from it are reported and ignored; those
-the checkpoint predates take the command line's value), and
-because batch k is drawn from the seed and k alone it sees the batches an uninterrupted run
-would. Patch size, batch size and learning rate are a schedule, not the recipe: each run may
+the checkpoint predates take the command line's value), and because batch k is drawn from the
+seed and k alone it sees the batches an uninterrupted run would. Patch size, batch size and learning rate are a schedule, not the recipe: each run may
 set its own (a CPU run trains on small patches, a later GPU run resumes it on large ones), and
 the card records them per run. The simulation settings are the checkpoint's unless a resumed
 run gives them on the command line: then that run, and its validation, draw from the new
