@@ -97,6 +97,36 @@ def test_l2_starting_estimate_is_the_closed_form_l2_inversion():
     assert metrics.nrmse(chi_two, chi_true, mask) < metrics.nrmse(chi_one, chi_true, mask) - 5
 
 
+def test_gcv_start_picks_the_classical_l2_weight_of_each_orientation_and_the_smallest_of_them():
+    rng = np.random.default_rng(5)
+    shape = (16, 16, 32)
+    mask = np.zeros(shape, dtype=bool)
+    mask[3:14, 2:14, 4:27] = True
+    chi_true = np.where(mask, rng.standard_normal(shape), 0).astype(np.float32)
+    operator = lpcnn.TorchDipoleOperator(shape, [ANISOTROPIC_VOXEL], [OBLIQUE], pad_factor=1.5)
+    clean = operator.forward(torch.from_numpy(chi_true)[None, None])
+    # The first orientation noisy, the second clean: each needs its own weight.
+    noise = torch.from_numpy(0.5 * rng.standard_normal(shape).astype(np.float32))
+    fields = torch.stack([clean[0, 0] + noise, clean[0, 1]])[None] * torch.from_numpy(mask.astype(np.float32))
+    weights = []
+    for orientation in range(2):
+        one = lpcnn.TorchDipoleOperator(shape, [ANISOTROPIC_VOXEL], [OBLIQUE[orientation:orientation + 1]],
+                                        pad_factor=1.5)
+        weight = one.gcv_l2_weight(fields[:, orientation:orientation + 1], inversion.L2_LAMBDAS)
+        assert weight.shape == (1, 1, 1, 1, 1)
+        spectrum = np.fft.rfftn(fields[0, orientation].numpy(), s=one.fft_shape, axes=(0, 1, 2))
+        expected = inversion._l2_gcv_weight(spectrum, one.kernels[0, 0].numpy(), one.gradient_spectra[0, 0].numpy(),
+                                            one.fft_shape, inversion.L2_LAMBDAS)
+        assert np.isclose(weight.item(), expected, rtol=1e-5)
+        weights.append(expected)
+    assert weights[0] > 3 * weights[1]  # GCV sees the noise
+    assert np.isclose(operator.gcv_l2_weight(fields, inversion.L2_LAMBDAS).item(), weights[1], rtol=1e-5)
+    # A batch is chosen for volume by volume.
+    batch = lpcnn.TorchDipoleOperator(shape, [ANISOTROPIC_VOXEL] * 2, [OBLIQUE[:1], OBLIQUE[1:]], pad_factor=1.5)
+    chosen = batch.gcv_l2_weight(fields.reshape(2, 1, *shape), inversion.L2_LAMBDAS).flatten().numpy()
+    assert np.allclose(chosen, weights, rtol=1e-5)
+
+
 def test_tiled_inference_equals_whole_volume_inference():
     fields, mask = _fields_and_mask()
     model = _random_model()
@@ -198,6 +228,26 @@ def test_a_resumed_run_may_change_the_simulation_and_every_run_records_its_own(t
     # Each run starts by scoring the model on its own held-out patches (the second run's are new).
     log = [json.loads(line) for line in (out / 'training_log.jsonl').read_text().splitlines()]
     assert [entry['step'] for entry in log if 'validation_nrmse' in entry] == [0, 2, 2, 3, 3, 4]
+
+
+def test_a_resumed_run_may_change_the_starting_estimate_and_keeps_the_network(tmp_path):
+    out = tmp_path / 'model'
+    resume = ['--resume', str(out / 'checkpoint.pt')]
+    arguments = ['--out', str(out), *TINY_TRAINING, '--validation-patches', '1']
+    main(['lpcnn', '--steps', '2', *arguments, '--initial-estimate', 'l2'])
+    before = torch.load(out / 'checkpoint.pt', weights_only=True)
+    main(['lpcnn', '--steps', '2', *resume, *arguments, '--initial-estimate', 'l2_gcv'])
+    after = torch.load(out / 'checkpoint.pt', weights_only=True)
+    # No step taken: the network is the checkpoint's; the learned L2 weight is gone with its start.
+    assert 'log_l2_weight' in before['model_state'] and 'log_l2_weight' not in after['model_state']
+    for name, value in after['model_state'].items():
+        assert torch.equal(value, before['model_state'][name]), name
+    # Not given again: the checkpoint's start, now GCV's.
+    main(['lpcnn', '--steps', '3', *resume, *arguments])
+    card = json.loads((out / 'model_card.json').read_text())
+    assert [run['initial_estimate'] for run in card['runs']] == ['l2', 'l2_gcv', 'l2_gcv']
+    assert card['recipe']['initial_estimate'] == card['architecture']['initial_estimate'] == 'l2_gcv'
+    assert np.isfinite(card['validation']['nrmse_percent'])
 
 
 def test_simulation_workers_yield_the_batches_of_the_training_process_and_a_head_is_scored(tmp_path):

@@ -18,10 +18,11 @@ recipe (model and optimisation arguments that differ from it are reported and ig
 the checkpoint predates take the command line's value), and because batch k is drawn from the
 seed and k alone it sees the batches an uninterrupted run would. Patch size, batch size and learning rate are a schedule, not the recipe: each run may
 set its own (a CPU run trains on small patches, a later GPU run resumes it on large ones), and
-the card records them per run. The simulation settings are the checkpoint's unless a resumed
-run gives them on the command line: then that run, and its validation, draw from the new
-settings (the model is fine-tuned on a corrected distribution rather than retrained); every
-run records the settings it drew from, and the recipe holds the last run's.
+the card records them per run. The simulation settings and the starting estimate are the
+checkpoint's unless a resumed run gives them on the command line: then that run, and its
+validation, draw from the new settings or start from the new estimate (the model is fine-tuned
+rather than retrained; a new start begins with fresh Adam moments); every run records the
+settings and the start it used, and the recipe holds the last run's.
 
 SIGTERM or SIGINT (a batch scheduler's time limit, Ctrl-C) ends the run after the current step
 with the checkpoint, weights and card written, so it can be resumed or shipped as it is.
@@ -51,6 +52,8 @@ from .simulate import (GENERATOR_VERSION, HEAD_DISTURBANCE_FRACTION, VALIDATION_
                        simulate_batch, simulate_head)
 
 LOG_NAME = 'training_log.jsonl'
+# GCV's weight suits each sample's noise, where one learned weight cannot (see lpcnn's module doc).
+DEFAULT_INITIAL_ESTIMATE = 'l2_gcv'
 # Arguments that say where and how long to run, not what is trained: not part of the recipe.
 RUN_ARGUMENTS = ('command', 'out', 'steps', 'resume', 'device', 'workers', 'checkpoint_every', 'log_every')
 SCHEDULE_ARGUMENTS = ('patch_size', 'batch_size', 'learning_rate')
@@ -110,8 +113,11 @@ def _build_parser():
                        help='one proximal CNN per iteration instead of one shared by all')
     model.add_argument('--initial-step-size', type=float, default=2.0, help='initial value of the learned step size')
     model.add_argument('--pad-factor', type=float, default=1.5, help="zero padding of the model's dipole FFT grid")
-    model.add_argument('--initial-estimate', choices=INITIAL_ESTIMATES, default='l2',
-                       help='starting estimate: the closed-form L2 solution of all orientations, or 0 (the paper)')
+    # No argparse default: a resumed run keeps its checkpoint's start unless given.
+    model.add_argument('--initial-estimate', choices=INITIAL_ESTIMATES,
+                       help='starting estimate: the closed-form L2 solution of all orientations with a learned '
+                            'weight (l2) or the weight GCV picks for each sample (l2_gcv), or 0 (the paper); '
+                            f'default: a fresh run {DEFAULT_INITIAL_ESTIMATE}, a resumed run its checkpoint\'s'),
     model.add_argument('--initial-l2-weight', type=float, default=INITIAL_L2_WEIGHT,
                        help="initial value of the L2 starting estimate's learned gradient-penalty weight")
 
@@ -296,13 +302,19 @@ def _save_atomically(content, path):
 
 
 def _restore_recipe(args, checkpoint):
-    """The checkpoint's recipe with the simulation settings given on the command line, reporting
-    the model and optimisation arguments given that differ from it (those are ignored)."""
-    recipe = dict(checkpoint['recipe'])
+    """The checkpoint's recipe with the simulation settings and starting estimate given on the
+    command line, reporting the model and optimisation arguments given that differ from it
+    (those are ignored)."""
+    recipe = {'initial_estimate': 'zero', **checkpoint['recipe']}  # the start of recipes older than the L2 start
     for key, value in vars(args).items():
         if key in RUN_ARGUMENTS + SCHEDULE_ARGUMENTS:
             continue
-        if key in SIMULATION_ARGUMENTS:
+        if key == 'initial_estimate':
+            if value is not None and value != recipe[key]:
+                print(f'qsmprep-train: --initial-estimate {value}: this run fine-tunes {args.resume}, trained from '
+                      f'the {recipe[key]} start, from this one, with fresh Adam moments', file=sys.stderr)
+                recipe[key] = value
+        elif key in SIMULATION_ARGUMENTS:
             if value is not None and value != recipe[key]:
                 print(f'qsmprep-train: --{key.replace("_", "-")} {value}: this run draws from it instead of '
                       f'the {recipe[key]} that {args.resume} was trained with', file=sys.stderr)
@@ -320,16 +332,19 @@ def _restore_recipe(args, checkpoint):
 
 
 def _earlier_runs(checkpoint):
-    """The checkpoint's runs, each with the simulation settings it drew from (runs recorded before
-    runs carried them drew from the checkpoint's recipe)."""
+    """The checkpoint's runs, each with the simulation settings it drew from and the starting
+    estimate it used (runs recorded before runs carried them used the checkpoint's recipe's)."""
     simulation = {key: checkpoint['recipe'][key] for key in SIMULATION_ARGUMENTS}
-    return [{**run, 'simulation': run.get('simulation', simulation)} for run in checkpoint['runs']]
+    start = checkpoint['recipe'].get('initial_estimate', 'zero')
+    return [{**run, 'simulation': run.get('simulation', simulation),
+             'initial_estimate': run.get('initial_estimate', start)} for run in checkpoint['runs']]
 
 
 def _start(args, device):
     """Recipe, model, optimizer, first step and earlier runs: fresh, or from ``args.resume``."""
     recipe = {key: value for key, value in vars(args).items() if key not in RUN_ARGUMENTS + SCHEDULE_ARGUMENTS}
     recipe.update({key: value for key, value in default_simulation_settings().items() if recipe[key] is None})
+    recipe['initial_estimate'] = recipe['initial_estimate'] or DEFAULT_INITIAL_ESTIMATE
     checkpoint = None
     if args.resume is not None:
         checkpoint = torch.load(args.resume, map_location=device, weights_only=True)
@@ -339,8 +354,15 @@ def _start(args, device):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     if checkpoint is None:
         return recipe, model, optimizer, 0, []
-    model.load_state_dict(checkpoint['model_state'])
-    optimizer.load_state_dict(checkpoint['optimizer_state'])
+    if recipe['initial_estimate'] == checkpoint['recipe'].get('initial_estimate', 'zero'):
+        model.load_state_dict(checkpoint['model_state'])
+        optimizer.load_state_dict(checkpoint['optimizer_state'])
+    else:
+        # A new start: the proximal network and step size carry over, the old start's learned
+        # weight (if any) is dropped, a new one begins at its initial value, and Adam's moments,
+        # kept per parameter, begin afresh.
+        states = {key: value for key, value in checkpoint['model_state'].items() if key != 'log_l2_weight'}
+        model.load_state_dict({**model.state_dict(), **states})
     for group in optimizer.param_groups:
         group['lr'] = args.learning_rate
     return recipe, model, optimizer, checkpoint['step'], _earlier_runs(checkpoint)
@@ -380,7 +402,8 @@ def train_lpcnn(args):
     def checkpoint_and_validate():
         this_run = {'first_step': first_step, 'last_step': step, 'wall_time_s': time.monotonic() - started,
                     **{key: getattr(args, key) for key in SCHEDULE_ARGUMENTS},
-                    'simulation': simulation, 'simulation_workers': args.workers, 'hardware': _hardware(device)}
+                    'simulation': simulation, 'initial_estimate': recipe['initial_estimate'],
+                    'simulation_workers': args.workers, 'hardware': _hardware(device)}
         runs = earlier_runs + [this_run]
         _save_atomically({'step': step, 'model_state': model.state_dict(), 'optimizer_state': optimizer.state_dict(),
                           'recipe': recipe, 'generator_version': GENERATOR_VERSION, 'runs': runs},
