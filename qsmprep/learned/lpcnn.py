@@ -116,9 +116,9 @@ class TorchDipoleOperator:
         GCV on all orientations at once chose 2 to 18 times larger weights than the best, as if
         their disagreement outside the mask (where the data are zeros) were noise: over the 14
         multi-orientation patches among the first 24 held-out patches of 48^3 (the training's
-        default simulation), the L2 start scored 46.5 % NRMSE with the
-        joint choice, 44.7 % with the first orientation's, 44.6 % with the smallest, 45.5 % with
-        a fixed 0.0125 and 44.5 % with the best weight of each patch.
+        default simulation), the L2 start scored 46.5 % NRMSE with the joint choice, 44.7 % with
+        the first orientation's, 44.6 % with the smallest, 45.5 % with a fixed 0.0125 and 44.5 %
+        with the best weight of each patch.
         """
         spectra = torch.fft.rfftn(fields, s=self.fft_shape, dim=FFT_DIMS)
         power = spectra.abs().square()
