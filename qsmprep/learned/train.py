@@ -16,13 +16,14 @@ Every choice of the training is an argument and is written into the card. ``--st
 total step count: a resumed run continues from the checkpoint's step with the checkpoint's
 recipe (model and optimisation arguments that differ from it are reported and ignored; those
 the checkpoint predates take the command line's value), and because batch k is drawn from the
-seed and k alone it sees the batches an uninterrupted run would. Patch size, batch size and learning rate are a schedule, not the recipe: each run may
-set its own (a CPU run trains on small patches, a later GPU run resumes it on large ones), and
-the card records them per run. The simulation settings and the starting estimate are the
-checkpoint's unless a resumed run gives them on the command line: then that run, and its
-validation, draw from the new settings or start from the new estimate (the model is fine-tuned
-rather than retrained; a new start begins with fresh Adam moments); every run records the
-settings and the start it used, and the recipe holds the last run's.
+seed and k alone it sees the batches an uninterrupted run would. Patch size, batch size and
+learning rate are a schedule, not the recipe: each run may set its own (a CPU run trains on
+small patches, a later GPU run resumes it on large ones), and the card records them per run.
+The simulation settings and the starting estimate are the checkpoint's unless a resumed run
+gives them on the command line: then that run, and its validation, draw from the new settings
+or start from the new estimate (the model is fine-tuned rather than retrained; a new start
+begins with fresh Adam moments); every run records the settings and the start it used, and the
+recipe holds the last run's.
 
 SIGTERM or SIGINT (a batch scheduler's time limit, Ctrl-C) ends the run after the current step
 with the checkpoint, weights and card written, so it can be resumed or shipped as it is.
@@ -182,11 +183,15 @@ def simulation_config(settings):
                                else settings[argument] for argument, field in SIMULATION_ARGUMENTS.items()})
 
 
+def _initial_estimate(recipe):
+    """The starting estimate of ``recipe``: recipes written before the L2 start existed started from 0."""
+    return recipe.get('initial_estimate', 'zero')
+
+
 def _model_from_recipe(recipe):
-    # Recipes written before the L2 starting estimate existed started from 0.
     return LPCNN(iterations=recipe['iterations'], channels=recipe['channels'], blocks=recipe['blocks'],
                  shared=not recipe['separate_networks'], initial_step_size=recipe['initial_step_size'],
-                 pad_factor=recipe['pad_factor'], initial_estimate=recipe.get('initial_estimate', 'zero'),
+                 pad_factor=recipe['pad_factor'], initial_estimate=_initial_estimate(recipe),
                  initial_l2_weight=recipe.get('initial_l2_weight', INITIAL_L2_WEIGHT))
 
 
@@ -305,7 +310,7 @@ def _restore_recipe(args, checkpoint):
     """The checkpoint's recipe with the simulation settings and starting estimate given on the
     command line, reporting the model and optimisation arguments given that differ from it
     (those are ignored)."""
-    recipe = {'initial_estimate': 'zero', **checkpoint['recipe']}  # the start of recipes older than the L2 start
+    recipe = {**checkpoint['recipe'], 'initial_estimate': _initial_estimate(checkpoint['recipe'])}
     for key, value in vars(args).items():
         if key in RUN_ARGUMENTS + SCHEDULE_ARGUMENTS:
             continue
@@ -335,7 +340,7 @@ def _earlier_runs(checkpoint):
     """The checkpoint's runs, each with the simulation settings it drew from and the starting
     estimate it used (runs recorded before runs carried them used the checkpoint's recipe's)."""
     simulation = {key: checkpoint['recipe'][key] for key in SIMULATION_ARGUMENTS}
-    start = checkpoint['recipe'].get('initial_estimate', 'zero')
+    start = _initial_estimate(checkpoint['recipe'])
     return [{**run, 'simulation': run.get('simulation', simulation),
              'initial_estimate': run.get('initial_estimate', start)} for run in checkpoint['runs']]
 
@@ -354,7 +359,7 @@ def _start(args, device):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     if checkpoint is None:
         return recipe, model, optimizer, 0, []
-    if recipe['initial_estimate'] == checkpoint['recipe'].get('initial_estimate', 'zero'):
+    if recipe['initial_estimate'] == _initial_estimate(checkpoint['recipe']):
         model.load_state_dict(checkpoint['model_state'])
         optimizer.load_state_dict(checkpoint['optimizer_state'])
     else:
