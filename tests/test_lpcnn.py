@@ -146,6 +146,24 @@ def test_tiles_need_a_halo_as_wide_as_the_receptive_field():
         assert not torch.allclose(lpcnn.apply_in_tiles(network, volume, 8, 1), whole, atol=1e-3)
 
 
+def test_the_reflection_average_is_symmetric_under_point_reflection_and_one_pass_is_not():
+    # The dipole kernel of -b is that of b: the point-reflected fields pose the same problem,
+    # reflected. The CNN alone does not commute with the reflection; the average of the two passes does.
+    fields, mask = _fields_and_mask()
+    model = _random_model()
+
+    def reflected(volume):
+        return np.ascontiguousarray(volume[::-1, ::-1, ::-1])
+
+    for reflection_average in (False, True):
+        direct = lpcnn.lpcnn_invert(fields, mask, ANISOTROPIC_VOXEL, OBLIQUE, model, device='cpu',
+                                    reflection_average=reflection_average)
+        mirrored = lpcnn.lpcnn_invert([reflected(field) for field in fields], reflected(mask), ANISOTROPIC_VOXEL,
+                                      OBLIQUE, model, device='cpu', reflection_average=reflection_average)
+        symmetric = np.allclose(reflected(mirrored), direct, atol=1e-5 * np.abs(direct).max())
+        assert symmetric == reflection_average
+
+
 def test_multi_orientation_fields_as_a_list_or_a_4d_array():
     fields, mask = _fields_and_mask(shape=(20, 22, 18), orientations=2)
     mask[:] = False
@@ -250,8 +268,9 @@ def test_a_resumed_run_may_change_the_starting_estimate_and_keeps_the_network(tm
     assert np.isfinite(card['validation']['nrmse_percent'])
 
 
-def test_simulation_workers_yield_the_batches_of_the_training_process_and_a_head_is_scored(tmp_path):
-    arguments = ['--steps', '3', *TINY_TRAINING, '--validation-patches', '1', '--validation-head-voxel-size', '8']
+def test_simulation_workers_yield_the_batches_of_the_training_process_and_heads_are_scored(tmp_path):
+    arguments = ['--steps', '3', *TINY_TRAINING, '--validation-patches', '1', '--validation-head-voxel-size', '8',
+                 '--validation-heads', '2', '--noise-max-ppm', '0.004']
     main(['lpcnn', '--out', str(tmp_path / 'alone'), '--workers', '0', *arguments])
     main(['lpcnn', '--out', str(tmp_path / 'workers'), '--workers', '2', *arguments])
     alone = torch.load(tmp_path / 'alone' / 'model.pt', weights_only=True)
@@ -260,10 +279,16 @@ def test_simulation_workers_yield_the_batches_of_the_training_process_and_a_head
         assert torch.equal(with_workers[name], value), name
     card = json.loads((tmp_path / 'workers' / 'model_card.json').read_text())
     assert card['runs'][0]['simulation_workers'] == 2
-    head = card['validation']['head']
-    assert head['voxel_size_mm'] == 8 and head['noise_ppm'] == head['background_ppm'] == 0
+    heads = card['validation']['heads']
+    assert heads['voxel_size_mm'] == 8 and heads['disturbed_noise_ppm'] == 0.002
+    # Two seeds, each without and with noise; the same brain in both.
+    assert [(head['seed'], head['disturbed']) for head in heads['per_head']] == [(0, False), (0, True),
+                                                                                  (1, False), (1, True)]
+    assert heads['per_head'][0]['shape'] == heads['per_head'][1]['shape']
+    assert np.isfinite([head['scale'] for head in heads['per_head']]).all()
     log = [json.loads(line) for line in (tmp_path / 'workers' / 'training_log.jsonl').read_text().splitlines()]
-    assert log[-1]['head_nrmse'] == head['nrmse_percent'] and np.isfinite(head['scale'])
+    assert log[-1]['head_nrmse_mean'] == heads['nrmse_percent_mean'] == pytest.approx(
+        np.mean([head['nrmse_percent'] for head in heads['per_head']]))
 
 
 def test_validation_head_is_a_whole_brain_whose_field_follows_the_dipole_model():

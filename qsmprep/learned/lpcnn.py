@@ -274,7 +274,8 @@ def _orientations_first(local_fields_ppm):
     return fields[np.newaxis] if fields.ndim == 3 else np.moveaxis(fields, -1, 0)
 
 
-def lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, device=None, tile=DEFAULT_TILE):
+def lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, device=None, tile=DEFAULT_TILE,
+                 reflection_average=True):
     """Susceptibility (ppm) from the local fields of one or more head orientations, 0 outside ``mask``.
 
     ``local_fields_ppm``: a list of 3-D arrays, a 4-D array with orientations on the last axis,
@@ -283,6 +284,15 @@ def lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, device=None
     sees one, else the CPU) on the mask's bounding box. The dipole convolutions need the whole
     box's FFT, but the CNN is local, so it is applied in tiles of ``tile`` voxels (with a halo of
     its receptive radius) to bound memory; ``tile=None`` applies it to the whole box at once.
+
+    With ``reflection_average`` the result is the mean of two estimates: the model's, and the
+    model's estimate of the point-reflected fields (r -> -r), reflected back. The reflection
+    turns each B0 direction b into -b, whose dipole kernel is the same (it depends on (k.b)^2),
+    so both are estimates of the same map; the CNN is not exactly symmetric under it, and the
+    mean has less error. It takes twice the time. On 8 simulated validation brains
+    (``simulate.simulate_head`` at 1.5 mm of seeds 0-3, each without and with half the training's
+    largest noise and residual background) the model of 7300 steps scored 37.8 % NRMSE on average
+    in one pass and 37.0 % with the average, better by 0.5 to 1.5 points on every brain.
     """
     fields = _orientations_first(local_fields_ppm)
     mask = np.asarray(mask, dtype=bool)
@@ -301,5 +311,8 @@ def lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, device=None
     model = model.to(device).eval()
     with torch.no_grad():
         chi_network = model(fields_in, mask_in, [voxel_size], [b0_dirs], tile=tile)
+        if reflection_average:
+            reflected = model(fields_in.flip(FFT_DIMS), mask_in.flip(FFT_DIMS), [voxel_size], [b0_dirs], tile=tile)
+            chi_network = (chi_network + reflected.flip(FFT_DIMS)) / 2
     chi[box] = chi_network[0, 0].cpu().numpy() / NETWORK_UNITS_PER_PPM
     return np.where(mask, chi, 0).astype(np.float32)
