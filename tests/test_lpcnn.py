@@ -281,9 +281,9 @@ def test_simulation_workers_yield_the_batches_of_the_training_process_and_heads_
     assert card['runs'][0]['simulation_workers'] == 2
     heads = card['validation']['heads']
     assert heads['voxel_size_mm'] == 8 and heads['disturbed_noise_ppm'] == 0.002
-    # Two seeds, each without and with noise; the same brain in both.
-    assert [(head['seed'], head['disturbed']) for head in heads['per_head']] == [(0, False), (0, True),
-                                                                                  (1, False), (1, True)]
+    # Two seeds, each with and without noise; the same brain in both.
+    assert [(head['seed'], head['disturbed']) for head in heads['per_head']] == [(0, True), (0, False),
+                                                                                  (1, True), (1, False)]
     assert heads['per_head'][0]['shape'] == heads['per_head'][1]['shape']
     assert np.isfinite([head['scale'] for head in heads['per_head']]).all()
     log = [json.loads(line) for line in (tmp_path / 'workers' / 'training_log.jsonl').read_text().splitlines()]
@@ -293,12 +293,16 @@ def test_simulation_workers_yield_the_batches_of_the_training_process_and_heads_
 
 def test_validation_head_is_a_whole_brain_whose_field_follows_the_dipole_model():
     config = simulate.SimulationConfig(noise_max_ppm=0, background_max_ppm=0)
-    head = simulate.simulate_head(0, 6.0, config)
+    head, = simulate.simulate_head(0, 6.0, config)
     assert head.kind == 'head' and head.local_fields_ppm.shape == (1, *head.mask.shape)
     # The template's brain, about 140 x 175 x 140 mm, in a random rotation, cropped to its mask.
     extent_mm = np.array(head.mask.shape) * 6.0
     assert extent_mm.min() > 120 and extent_mm.max() < 200 and head.mask.mean() > 0.25
-    assert np.array_equal(head.chi_ppm, simulate.simulate_head(0, 6.0, config).chi_ppm)
+    assert np.array_equal(head.chi_ppm, simulate.simulate_head(0, 6.0, config)[0].chi_ppm)
+    # Several disturbance levels share one phantom: without disturbance, the field above.
+    noisy, quiet = simulate.simulate_head(0, 6.0, dataclasses.replace(config, noise_max_ppm=0.01), (0.5, 0.0))
+    assert np.array_equal(noisy.chi_ppm, head.chi_ppm) and np.array_equal(quiet.local_fields_ppm, head.local_fields_ppm)
+    assert (noisy.local_fields_ppm - head.local_fields_ppm)[0][head.mask].std() == pytest.approx(0.005, rel=0.1)
     operator = DipoleOperator(head.mask.shape, head.voxel_size, head.b0_dirs[0], pad_factor=2)
     coarse = np.where(head.mask, operator.forward(head.chi_ppm), 0)
     field = head.local_fields_ppm[0]

@@ -250,15 +250,17 @@ def validate(model, samples, device, loss_kind):
 
 def validation_heads(recipe, config):
     """The whole simulated brains of validation: for each of ``recipe['validation_heads']`` seeds
-    (from the recipe's seed on), one without noise and residual background and one with the share
-    ``HEAD_DISTURBANCE_FRACTION`` of the training's largest; a list of (seed, disturbed, head)."""
+    (from the recipe's seed on), one brain with the share ``HEAD_DISTURBANCE_FRACTION`` of the
+    training's largest noise and residual background and the same brain without them; a list of
+    (seed, disturbed, head)."""
     if recipe['validation_head_voxel_size'] <= 0:
         return []
-    undisturbed = dataclasses.replace(config, noise_max_ppm=0.0, background_max_ppm=0.0)
-    return [(seed, disturbed, simulate_head(seed, recipe['validation_head_voxel_size'],
-                                            config if disturbed else undisturbed))
-            for seed in range(recipe['seed'], recipe['seed'] + recipe['validation_heads'])
-            for disturbed in (False, True)]
+    heads = []
+    for seed in range(recipe['seed'], recipe['seed'] + recipe['validation_heads']):
+        disturbed, undisturbed = simulate_head(seed, recipe['validation_head_voxel_size'], config,
+                                               (HEAD_DISTURBANCE_FRACTION, 0.0))
+        heads += [(seed, True, disturbed), (seed, False, undisturbed)]
+    return heads
 
 
 def validate_heads(model, heads, device):
