@@ -141,7 +141,8 @@ def _build_parser():
                               help='held-out simulated patches scored at each checkpoint')
     optimisation.add_argument('--validation-patch-size', type=_positive_int, default=48,
                               help='edge in voxels of the held-out patches')
-    # At 1.5 mm a head is about 110^3 voxels: 13 s to simulate once, 10-20 s of CPU per checkpoint.
+    # At 1.5 mm a head is about 110^3 voxels: 11 s to simulate once (9 s of it the phantom, which
+    # a head's undisturbed twin shares), 10-20 s of CPU per checkpoint.
     optimisation.add_argument('--validation-head-voxel-size', type=float, default=1.5,
                               help='voxel size in mm of the whole simulated brains scored at each checkpoint '
                                    '(0: none)')
