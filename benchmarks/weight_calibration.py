@@ -9,10 +9,10 @@ measures, over a range of weights, the NRMSE of L2 and TV against the true mean 
 beside the weights that GCV and the L-curve corner pick without ground truth.
 
 White matter's susceptibility is a tensor chi_iso I + dchi w (n n^T - I/3): w the white matter
-fraction, n a smooth random fibre direction (correlated over FIBRE_SMOOTHING_MM), dchi the
-anisotropy chi_parallel - chi_perpendicular (about 0.01 to 0.02 ppm in the STI literature). Its
-field is F^-1[h^T X h / 3 - (k.h)(k^T X h)/|k|^2] for the tensor's spectrum X; the traceless
-part leaves the mean susceptibility, the truth here, unchanged.
+fraction, n a smooth random fibre direction (``phantoms.random_fibre_directions``), dchi the
+anisotropy chi_parallel - chi_perpendicular (about 0.01 to 0.02 ppm in the STI literature).
+``physics.anisotropic_field`` gives the field of the traceless part, which leaves the mean
+susceptibility, the truth here, unchanged.
 
     python benchmarks/weight_calibration.py --out benchmarks/WEIGHT_CALIBRATION.md
 """
@@ -24,48 +24,20 @@ from pathlib import Path
 
 import numpy as np
 import scipy.fft
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.simulate_bids import CHI_AIR, head_phantom, tilted_affine, voxel_averaged_field  # noqa: E402
+from qsmprep.learned.phantoms import FIBRE_SMOOTHING_MM, random_fibre_directions  # noqa: E402
 from qsmprep.science import bgremove, inversion, metrics  # noqa: E402
 from qsmprep.science.masking import bounding_box  # noqa: E402
-from qsmprep.science.physics import b0_direction_from_affine, kspace_grid, padded_shape  # noqa: E402
+from qsmprep.science.physics import anisotropic_field, b0_direction_from_affine, padded_shape  # noqa: E402
 
-FIBRE_SMOOTHING_MM = 6.0
 ANISOTROPIES_PPM = (0.0, 0.015)
 NOISE_PPM = (0.001, 0.004)
 TILT_DEG = 18.0
 # Finer than inversion.L2_LAMBDAS, so that the L-curve's curvature is well sampled.
 STUDY_LAMBDAS = np.logspace(-4, 1, 41)
 TV_RATIOS_TO_GCV = (0.4, 1.0, 2.5, 6.3, 16.0)
-
-
-def random_fibre_directions(rng, shape, voxel_size_mm):
-    """Unit vectors (3, *shape) varying smoothly over ``FIBRE_SMOOTHING_MM``."""
-    sigma = [FIBRE_SMOOTHING_MM / d for d in voxel_size_mm]
-    directions = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
-                           for _ in range(3)])
-    return directions / np.maximum(np.linalg.norm(directions, axis=0), 1e-12)
-
-
-def anisotropic_field(weight_ppm, fibres, voxel_size, b0_dir):
-    """Field (ppm) of the traceless tensor weight_ppm (n n^T - I/3), zero-padded FFTs."""
-    shape = weight_ppm.shape
-    fft_shape = padded_shape(shape, factor=1.5)
-    h = np.asarray(b0_dir, dtype=np.float64)
-    n_dot_h = sum(fibres[i] * np.float32(h[i]) for i in range(3))
-    k = kspace_grid(fft_shape, voxel_size)
-    k_squared = k[0] ** 2 + k[1] ** 2 + k[2] ** 2
-    k_squared[0, 0, 0] = 1.0
-    k_dot_h = sum(k[i] * np.float32(h[i]) for i in range(3))
-    spectrum = scipy.fft.rfftn(weight_ppm * (n_dot_h ** 2 - 1 / 3), s=fft_shape) / 3
-    for j in range(3):
-        column = weight_ppm * (fibres[j] * n_dot_h - np.float32(h[j]) / 3)
-        spectrum -= k_dot_h * k[j] / k_squared * scipy.fft.rfftn(column, s=fft_shape)
-    spectrum[0, 0, 0] = 0
-    field = scipy.fft.irfftn(spectrum, s=fft_shape)
-    return field[tuple(slice(0, n) for n in shape)].astype(np.float32)
 
 
 def l2_study(field, mask, voxel_size, b0_dir, reference):

@@ -179,7 +179,8 @@ def test_multi_orientation_fields_as_a_list_or_a_4d_array():
 
 
 def test_simulator_is_seeded_and_its_field_follows_the_dipole_model():
-    config = simulate.SimulationConfig(brain_fraction=1.0, noise_max_ppm=0.0, background_max_ppm=0.0)
+    config = simulate.SimulationConfig(brain_fraction=1.0, noise_max_ppm=0.0, background_max_ppm=0.0,
+                                       anisotropy_max_ppm=0.0)
     first = simulate.simulate_batch(7, 0, 1, 16, config)[0]
     again = simulate.simulate_batch(7, 0, 1, 16, config)[0]
     assert first.kind == 'brain' and np.array_equal(first.local_fields_ppm, again.local_fields_ppm)
@@ -191,6 +192,26 @@ def test_simulator_is_seeded_and_its_field_follows_the_dipole_model():
     coarse = operator.forward(first.chi_ppm)
     error = np.linalg.norm((coarse - first.local_fields_ppm[0])[first.mask]) / np.linalg.norm(coarse[first.mask])
     assert error < 0.3
+
+
+def test_white_matter_anisotropy_adds_its_field_to_brain_patches_and_heads_only():
+    clean = simulate.SimulationConfig(brain_fraction=1.0, noise_max_ppm=0.0, background_max_ppm=0.0,
+                                      anisotropy_max_ppm=0.0)
+    anisotropic = dataclasses.replace(clean, anisotropy_max_ppm=0.03)
+    without, = simulate.simulate_batch(3, 0, 1, 24, clean)
+    with_anisotropy, = simulate.simulate_batch(3, 0, 1, 24, anisotropic)
+    # The same tissue: the truth is the mean susceptibility, which anisotropy leaves unchanged.
+    assert np.array_equal(without.chi_ppm, with_anisotropy.chi_ppm)
+    added = (with_anisotropy.local_fields_ppm - without.local_fields_ppm)[:, without.mask]
+    # At most 2/3 of the dipole field of 0.03 ppm in white matter: well below the tissue's field.
+    assert 0 < np.abs(added).max() and added.std() < 0.3 * without.local_fields_ppm[:, without.mask].std()
+    shapes = dataclasses.replace(anisotropic, brain_fraction=0.0)
+    assert np.array_equal(simulate.simulate_batch(3, 0, 1, 16, shapes)[0].local_fields_ppm,
+                          simulate.simulate_batch(3, 0, 1, 16, dataclasses.replace(shapes, anisotropy_max_ppm=0))[0]
+                          .local_fields_ppm)
+    quiet, disturbed = simulate.simulate_head(0, 6.0, anisotropic, (0.0, 1.0))
+    assert np.array_equal(quiet.local_fields_ppm, simulate.simulate_head(0, 6.0, clean, (0.0,))[0].local_fields_ppm)
+    assert not np.array_equal(quiet.local_fields_ppm, disturbed.local_fields_ppm)
 
 
 def test_a_few_training_steps_lower_the_validation_error_and_the_card_describes_them(tmp_path):
@@ -248,6 +269,22 @@ def test_a_resumed_run_may_change_the_simulation_and_every_run_records_its_own(t
     assert [entry['step'] for entry in log if 'validation_nrmse' in entry] == [0, 2, 2, 3, 3, 4]
 
 
+def test_a_checkpoint_older_than_a_simulation_setting_resumes_with_the_value_it_was_trained_on(tmp_path):
+    out = tmp_path / 'model'
+    arguments = ['--out', str(out), *TINY_TRAINING, '--validation-patches', '1']
+    main(['lpcnn', '--steps', '1', *arguments])
+    checkpoint = torch.load(out / 'checkpoint.pt', weights_only=True)
+    # As the checkpoints written before the anisotropy setting existed hold it.
+    del checkpoint['recipe']['anisotropy_max_ppm']
+    for run in checkpoint['runs']:
+        del run['simulation']['anisotropy_max_ppm']
+    torch.save(checkpoint, out / 'checkpoint.pt')
+    main(['lpcnn', '--steps', '2', '--resume', str(out / 'checkpoint.pt'), *arguments])
+    card = json.loads((out / 'model_card.json').read_text())
+    assert [run['simulation']['anisotropy_max_ppm'] for run in card['runs']] == [0.0, 0.0]
+    assert card['generator']['config']['anisotropy_max_ppm'] == 0.0
+
+
 def test_a_resumed_run_may_change_the_starting_estimate_and_keeps_the_network(tmp_path):
     out = tmp_path / 'model'
     resume = ['--resume', str(out / 'checkpoint.pt')]
@@ -292,7 +329,7 @@ def test_simulation_workers_yield_the_batches_of_the_training_process_and_heads_
 
 
 def test_validation_head_is_a_whole_brain_whose_field_follows_the_dipole_model():
-    config = simulate.SimulationConfig(noise_max_ppm=0, background_max_ppm=0)
+    config = simulate.SimulationConfig(noise_max_ppm=0, background_max_ppm=0, anisotropy_max_ppm=0)
     head, = simulate.simulate_head(0, 6.0, config)
     assert head.kind == 'head' and head.local_fields_ppm.shape == (1, *head.mask.shape)
     # The template's brain, about 140 x 175 x 140 mm, in a random rotation, cropped to its mask.

@@ -4,8 +4,8 @@ from scipy import ndimage
 
 from benchmarks.simulate_bids import tilted_affine
 from qsmprep.science import masking, metrics
-from qsmprep.science.physics import (DipoleOperator, b0_direction_from_affine, dipole_kernel, smv_kernel,
-                                     voxel_size_from_affine)
+from qsmprep.science.physics import (DipoleOperator, anisotropic_field, b0_direction_from_affine, dipole_kernel,
+                                     smv_kernel, voxel_size_from_affine)
 
 
 def test_b0_direction_of_an_upright_head_is_the_third_voxel_axis():
@@ -58,6 +58,22 @@ def test_dipole_operator_adjoint():
     x = rng.normal(size=operator.shape).astype(np.float32)
     y = rng.normal(size=operator.shape).astype(np.float32)
     assert np.isclose(np.vdot(operator.forward(x), y), np.vdot(x, operator.adjoint(y)), rtol=1e-4)
+
+
+def test_anisotropic_field_of_fibres_along_and_across_b0_is_a_multiple_of_the_dipole_field():
+    # For the tensor a (n n^T - I/3), n = h gives h^T X h = 2a/3 and X h = 2a h/3: 2/3 of the
+    # dipole field of a; n across h gives -1/3 of it. A wrong sign, axis or factor breaks both.
+    rng = np.random.default_rng(3)
+    anisotropy = ndimage.gaussian_filter(rng.normal(size=(20, 24, 18)), 2).astype(np.float32)
+    voxel_size = (0.8, 1.1, 1.3)
+    b0_dir = np.array([0.3, -0.2, 0.93]) / np.linalg.norm([0.3, -0.2, 0.93])
+    across = np.cross(b0_dir, [1.0, 0.0, 0.0])
+    across /= np.linalg.norm(across)
+    dipole_field = DipoleOperator(anisotropy.shape, voxel_size, b0_dir, pad_factor=1.5).forward(anisotropy)
+    for direction, factor in ((b0_dir, 2 / 3), (across, -1 / 3)):
+        fibres = np.broadcast_to(direction.astype(np.float32)[:, None, None, None], (3, *anisotropy.shape))
+        field = anisotropic_field(anisotropy, fibres, voxel_size, b0_dir)
+        assert np.allclose(field, factor * dipole_field, atol=1e-4 * np.abs(dipole_field).max())
 
 
 def test_spheres_and_balls_ignore_the_rounding_of_a_tilted_affine():

@@ -43,6 +43,8 @@ BRAIN_INCLUSIONS = {
 DEFORMATION_MAX_MM = 4.0
 DEFORMATION_WAVES = 4
 DEFORMATION_WAVELENGTH_MM = (30.0, 90.0)
+# White matter fibre directions vary smoothly over this distance (a fibre bundle's width).
+FIBRE_SMOOTHING_MM = 6.0
 # Random shapes: (largest count, radius range in mm, chi range in ppm, elongated).
 SHAPES = {
     'ellipsoid': (16, (1.0, 12.0), (-0.2, 0.3), False),
@@ -72,6 +74,14 @@ def smooth_noise(rng, shape, spacing_mm, correlation_mm):
     smooth = scipy.fft.irfftn(scipy.fft.rfftn(noise) * np.exp(-2 * np.pi ** 2 * correlation_mm ** 2 * k_squared),
                               s=shape).astype(np.float32)
     return smooth / max(float(smooth.std()), 1e-12)
+
+
+def random_fibre_directions(rng, shape, spacing_mm):
+    """Unit vectors (3, *shape) varying smoothly over ``FIBRE_SMOOTHING_MM``: fibre directions."""
+    sigma = [FIBRE_SMOOTHING_MM / d for d in spacing_mm]
+    directions = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+                           for _ in range(3)])
+    return directions / np.maximum(np.linalg.norm(directions, axis=0), 1e-12)
 
 
 def _ellipsoid(coordinates, centre, radii, rotation):
@@ -176,7 +186,10 @@ def brain_centre():
 
 def brain_like(rng, shape, spacing_mm, centre=None):
     """A patch of a randomised MNI152 brain: tissue values, rotation, deformation and inclusions,
-    around ``centre`` (a template voxel index; default: a random voxel of the brain)."""
+    around ``centre`` (a template voxel index; default: a random voxel of the brain).
+
+    Returns ``(chi_ppm, mask, white_matter)``, the last the white matter fraction (0 outside the
+    mask), where the simulator puts susceptibility anisotropy."""
     maps = mni_tissue_maps()
     coordinates = local_coordinates(shape, spacing_mm)
     rotation = Rotation.random(random_state=rng).as_matrix().astype(np.float32)
@@ -198,4 +211,4 @@ def brain_like(rng, shape, spacing_mm, centre=None):
                                                              rng.uniform(*TEXTURE_CORRELATION_MM)))
     extent_mm = np.asarray(shape) * np.asarray(spacing_mm)
     _add_inclusions(rng, chi, coordinates, extent_mm, BRAIN_INCLUSIONS)
-    return np.where(mask, chi, 0).astype(np.float32), mask
+    return np.where(mask, chi, 0).astype(np.float32), mask, np.where(mask, wm, 0).astype(np.float32)

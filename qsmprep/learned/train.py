@@ -10,8 +10,8 @@ version and seed, steps, hardware and wall time of each run, validation NRMSE, s
 
 Validation, at the start of each run and at each checkpoint, scores held-out simulated patches
 and whole simulated brains (``simulate.simulate_head``; not the benchmarks' head), each brain
-without and with noise and residual background. Worker processes simulate the coming batches
-while the model trains (``--workers``).
+without and with noise, residual background and anisotropy. Worker processes simulate the
+coming batches while the model trains (``--workers``).
 
 Every choice of the training is an argument and is written into the card. ``--steps`` is the
 total step count: a resumed run continues from the checkpoint's step with the checkpoint's
@@ -63,8 +63,12 @@ SCHEDULE_ARGUMENTS = ('patch_size', 'batch_size', 'learning_rate')
 # each with the SimulationConfig field it sets.
 SIMULATION_ARGUMENTS = {'voxel_size_range': 'voxel_size_range_mm', 'max_orientations': 'max_orientations',
                         'max_tilt_deg': 'max_tilt_deg', 'noise_max_ppm': 'noise_max_ppm',
-                        'background_max_ppm': 'background_max_ppm', 'brain_fraction': 'brain_fraction',
-                        'supersampling': 'supersampling', 'simulation_pad_factor': 'pad_factor'}
+                        'background_max_ppm': 'background_max_ppm', 'anisotropy_max_ppm': 'anisotropy_max_ppm',
+                        'brain_fraction': 'brain_fraction', 'supersampling': 'supersampling',
+                        'simulation_pad_factor': 'pad_factor'}
+# Simulation settings added after checkpoints were written, with the value that draws what those
+# checkpoints were trained on.
+SIMULATION_ARGUMENTS_BEFORE_THEY_EXISTED = {'anisotropy_max_ppm': 0.0}
 
 
 def _fraction(text):
@@ -151,7 +155,7 @@ def _build_parser():
     # 51.6, 52.7, 53.3, 52.1 and 52.8 % NRMSE at successive checkpoints.
     optimisation.add_argument('--validation-heads', type=_positive_int, default=3,
                               help='whole simulated brains (seeds SEED, SEED+1, ...) scored at each checkpoint, '
-                                   'each without and with noise and residual background')
+                                   'each without and with noise, residual background and anisotropy')
 
     # No argparse defaults here: a resumed run keeps its checkpoint's settings unless given.
     simulation = lpcnn.add_argument_group('simulation (defaults: a fresh run, SimulationConfig; a resumed '
@@ -168,6 +172,9 @@ def _build_parser():
                             help=f'largest standard deviation of the white field noise (default: {defaults.noise_max_ppm})')
     simulation.add_argument('--background-max-ppm', type=float,
                             help=f'largest RMS of the residual background field (default: {defaults.background_max_ppm})')
+    simulation.add_argument('--anisotropy-max-ppm', type=float,
+                            help='largest white matter susceptibility anisotropy, chi_parallel - chi_perpendicular '
+                                 f'(default: {defaults.anisotropy_max_ppm})')
     simulation.add_argument('--brain-fraction', type=_fraction,
                             help=f'fraction of brain-like patches, the rest random shapes (default: {defaults.brain_fraction})')
     simulation.add_argument('--supersampling', type=_positive_int,
@@ -185,8 +192,15 @@ def default_simulation_settings():
             for argument, field in SIMULATION_ARGUMENTS.items()}
 
 
+def _with_later_settings(settings):
+    """A recipe or a run's ``simulation`` with the simulation settings added since it was
+    written, at the values that draw what it drew."""
+    return {**SIMULATION_ARGUMENTS_BEFORE_THEY_EXISTED, **settings}
+
+
 def simulation_config(settings):
     """The ``SimulationConfig`` of a recipe or a run's ``simulation`` (the arguments' names)."""
+    settings = _with_later_settings(settings)
     return SimulationConfig(**{field: tuple(settings[argument]) if isinstance(settings[argument], list)
                                else settings[argument] for argument, field in SIMULATION_ARGUMENTS.items()})
 
@@ -252,7 +266,7 @@ def validate(model, samples, device, loss_kind):
 def validation_heads(recipe, config):
     """The whole simulated brains of validation: for each of ``recipe['validation_heads']`` seeds
     (from the recipe's seed on), one brain with the share ``HEAD_DISTURBANCE_FRACTION`` of the
-    training's largest noise and residual background and the same brain without them; a list of
+    training's largest noise, residual background and anisotropy and the same brain without them; a list of
     (seed, disturbed, head)."""
     if recipe['validation_head_voxel_size'] <= 0:
         return []
@@ -341,7 +355,7 @@ def _restore_recipe(args, checkpoint):
     """The checkpoint's recipe with the simulation settings and starting estimate given on the
     command line, reporting the model and optimisation arguments given that differ from it
     (those are ignored)."""
-    recipe = {**checkpoint['recipe'], 'initial_estimate': _initial_estimate(checkpoint['recipe'])}
+    recipe = {**_with_later_settings(checkpoint['recipe']), 'initial_estimate': _initial_estimate(checkpoint['recipe'])}
     for key, value in vars(args).items():
         if key in RUN_ARGUMENTS + SCHEDULE_ARGUMENTS:
             continue
@@ -370,9 +384,10 @@ def _restore_recipe(args, checkpoint):
 def _earlier_runs(checkpoint):
     """The checkpoint's runs, each with the simulation settings it drew from and the starting
     estimate it used (runs recorded before runs carried them used the checkpoint's recipe's)."""
-    simulation = {key: checkpoint['recipe'][key] for key in SIMULATION_ARGUMENTS}
-    start = _initial_estimate(checkpoint['recipe'])
-    return [{**run, 'simulation': run.get('simulation', simulation),
+    recipe = _with_later_settings(checkpoint['recipe'])
+    simulation = {key: recipe[key] for key in SIMULATION_ARGUMENTS}
+    start = _initial_estimate(recipe)
+    return [{**run, 'simulation': _with_later_settings(run.get('simulation', simulation)),
              'initial_estimate': run.get('initial_estimate', start)} for run in checkpoint['runs']]
 
 
@@ -504,6 +519,7 @@ def train_lpcnn(args):
             'voxel_size_mm': recipe['validation_head_voxel_size'], 'b0_dir': heads[0][2].b0_dirs[0].tolist(),
             'disturbed_noise_ppm': HEAD_DISTURBANCE_FRACTION * config.noise_max_ppm,
             'disturbed_background_ppm': HEAD_DISTURBANCE_FRACTION * config.background_max_ppm,
+            'disturbed_anisotropy_ppm': HEAD_DISTURBANCE_FRACTION * config.anisotropy_max_ppm,
             'nrmse_percent_mean': scores['head_nrmse_mean'],
             'per_head': [{'seed': seed, 'disturbed': disturbed, 'shape': list(head.mask.shape),
                           'nrmse_percent': score['nrmse'], 'scale': score['scale'],
