@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.simulate_bids import (CHI_AIR, ECHO_TIMES_S, FIELD_STRENGTH_T, head_phantom,  # noqa: E402
                                       simulate_megre, tilted_affine, voxel_averaged_field)
 from benchmarks.weight_calibration import simulated_case  # noqa: E402
+from qsmprep.learned.phantoms import FIBRE_SMOOTHING_MM  # noqa: E402
 from qsmprep.science import bgremove, inversion, masking, metrics  # noqa: E402
 
 PUBLISHED = {'CFL2': None, 'QSMnet': (2, 6, 6), 'QSMnet+': (2, 6, 6)}
@@ -273,7 +274,7 @@ def main():
         '## Simulated 1 mm head with model error, against the true mean susceptibility',
         '',
         f'The head tilted {SIMULATED_TILT_DEG:g} degrees, its total field with white matter susceptibility anisotropy',
-        '(ppm, fibre directions smooth over 6 mm) and white noise (ppm) added, local field from V-SHARP',
+        f'(ppm, fibre directions smooth over {FIBRE_SMOOTHING_MM:g} mm) and white noise (ppm) added, local field from V-SHARP',
         '(benchmarks/weight_calibration.py); TV without magnitude weighting. No scalar map explains the',
         "anisotropy's field, and the noise is stronger than LP-CNN's training drew.",
         '',

@@ -184,8 +184,8 @@ def simulate_head(seed, voxel_size_mm, config, disturbance_fractions=(HEAD_DISTU
     isotropic voxels, with one B0 direction tilted by ``HEAD_B0_TILT_DEG``. One sample is returned
     for each of ``disturbance_fractions``, with that fraction of the largest residual background,
     noise and white matter anisotropy of ``config``, all of one phantom: drawing it takes 9 of
-    the 11 s a 1.5 mm brain takes. Its own stream keeps it apart from the training and validation patches, and it is
-    not the benchmarks' head.
+    the 11 s a 1.5 mm brain takes. Its own stream keeps it apart from the training and validation
+    patches, and it is not the benchmarks' head.
     """
     rng = np.random.default_rng([seed, HEAD_STREAM])
     s = config.supersampling

@@ -266,8 +266,8 @@ def validate(model, samples, device, loss_kind):
 def validation_heads(recipe, config):
     """The whole simulated brains of validation: for each of ``recipe['validation_heads']`` seeds
     (from the recipe's seed on), one brain with the share ``HEAD_DISTURBANCE_FRACTION`` of the
-    training's largest noise, residual background and anisotropy and the same brain without them; a list of
-    (seed, disturbed, head)."""
+    training's largest noise, residual background and anisotropy and the same brain without them;
+    a list of (seed, disturbed, head)."""
     if recipe['validation_head_voxel_size'] <= 0:
         return []
     heads = []
@@ -355,7 +355,8 @@ def _restore_recipe(args, checkpoint):
     """The checkpoint's recipe with the simulation settings and starting estimate given on the
     command line, reporting the model and optimisation arguments given that differ from it
     (those are ignored)."""
-    recipe = {**_with_later_settings(checkpoint['recipe']), 'initial_estimate': _initial_estimate(checkpoint['recipe'])}
+    recipe = {**_with_later_settings(checkpoint['recipe']),
+              'initial_estimate': _initial_estimate(checkpoint['recipe'])}
     for key, value in vars(args).items():
         if key in RUN_ARGUMENTS + SCHEDULE_ARGUMENTS:
             continue
