@@ -14,9 +14,14 @@
 #
 # and the device tool runs, with carry [".whl"] and a timeout of MINUTES + 3 minutes:
 #
-#   bash scripts/gpu_session.sh MINUTES [--patch-size 96 --batch-size 4 --learning-rate 1e-4 ...]
+#   bash scripts/gpu_session.sh MINUTES [--patch-size 128 --batch-size 2 --learning-rate 1e-4 ...]
 #
 # Arguments after MINUTES go to qsmprep-train (its schedule: patch size, batch size, learning rate).
+# Large patches are what a GPU is for: the shipped model, trained on the CPU on 32^3 and 64^3
+# patches (a 96^3 step of batch 1 takes 20 to 30 s there), adds much less to its starting
+# estimate on 96^3 patches than on 64^3 ones and next to nothing on whole brains
+# (benchmarks/SIMULATED_BRAINS.md), so --patch-size 128 (a 1.5 mm brain fits) with
+# --batch-size 2 is the first thing to try.
 # One core simulates a 96^3 batch of 4 in about 9 s, so qsmprep-train's default of one simulation
 # worker per CPU core but one (15 there) is what keeps the GPU busy.
 set -euo pipefail

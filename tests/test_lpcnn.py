@@ -323,6 +323,10 @@ def test_simulation_workers_yield_the_batches_of_the_training_process_and_heads_
                                                                                   (1, True), (1, False)]
     assert heads['per_head'][0]['shape'] == heads['per_head'][1]['shape']
     assert np.isfinite([head['scale'] for head in heads['per_head']]).all()
+    # The bar of TV on the same brains, beside the model's scores.
+    tv_scores = [head['tv_nrmse_percent'] for head in heads['per_head']]
+    assert heads['tv_nrmse_percent_mean'] == pytest.approx(np.mean(tv_scores))
+    assert 0 < heads['tv_nrmse_percent_mean'] < 200
     log = [json.loads(line) for line in (tmp_path / 'workers' / 'training_log.jsonl').read_text().splitlines()]
     assert log[-1]['head_nrmse_mean'] == heads['nrmse_percent_mean'] == pytest.approx(
         np.mean([head['nrmse_percent'] for head in heads['per_head']]))

@@ -10,8 +10,9 @@ version and seed, steps, hardware and wall time of each run, validation NRMSE, s
 
 Validation, at the start of each run and at each checkpoint, scores held-out simulated patches
 and whole simulated brains (``simulate.simulate_head``; not the benchmarks' head), each brain
-without and with noise, residual background and anisotropy. Worker processes simulate the
-coming batches while the model trains (``--workers``).
+without and with noise, residual background and anisotropy; the card holds TV's NRMSE on the
+same brains beside the model's, the bar it must clear. Worker processes simulate the coming
+batches while the model trains (``--workers``).
 
 Every choice of the training is an argument and is written into the card. ``--steps`` is the
 total step count: a resumed run continues from the checkpoint's step with the checkpoint's
@@ -302,6 +303,14 @@ def tkd_validation_nrmse(samples):
                                         s.chi_ppm, s.mask) for s in samples]))
 
 
+def tv_head_nrmse(head):
+    """NRMSE (percent) of TV (qsmprep's default inversion, its weight by its own rule, no magnitude)
+    on a validation head: the bar a model must clear to be worth using. On whole brains held out
+    from training (benchmarks/SIMULATED_BRAINS.md) TV beats the shipped LP-CNN."""
+    chi, _ = inversion.invert(head.local_fields_ppm[0], head.mask, head.voxel_size, head.b0_dirs[0], method='tv')
+    return float(metrics.nrmse(chi, head.chi_ppm, head.mask))
+
+
 class SimulatedBatches(torch.utils.data.Dataset):
     """The training batch of each step (``simulate_batch``), indexed by step, for a DataLoader."""
 
@@ -516,16 +525,17 @@ def train_lpcnn(args):
         'weights': {'file': WEIGHTS_NAME, 'sha256': sha256_of(out / WEIGHTS_NAME)},
     }
     if heads:
+        tv_scores = [tv_head_nrmse(head) for _, _, head in heads]
         card['validation']['heads'] = {
             'voxel_size_mm': recipe['validation_head_voxel_size'], 'b0_dir': heads[0][2].b0_dirs[0].tolist(),
             'disturbed_noise_ppm': HEAD_DISTURBANCE_FRACTION * config.noise_max_ppm,
             'disturbed_background_ppm': HEAD_DISTURBANCE_FRACTION * config.background_max_ppm,
             'disturbed_anisotropy_ppm': HEAD_DISTURBANCE_FRACTION * config.anisotropy_max_ppm,
-            'nrmse_percent_mean': scores['head_nrmse_mean'],
+            'nrmse_percent_mean': scores['head_nrmse_mean'], 'tv_nrmse_percent_mean': float(np.mean(tv_scores)),
             'per_head': [{'seed': seed, 'disturbed': disturbed, 'shape': list(head.mask.shape),
                           'nrmse_percent': score['nrmse'], 'scale': score['scale'],
-                          'tkd_nrmse_percent': tkd_validation_nrmse([head])}
-                         for (seed, disturbed, head), score in zip(heads, scores['heads'])]}
+                          'tkd_nrmse_percent': tkd_validation_nrmse([head]), 'tv_nrmse_percent': tv_score}
+                         for (seed, disturbed, head), score, tv_score in zip(heads, scores['heads'], tv_scores)]}
     (out / CARD_NAME).write_text(json.dumps(card, indent=2) + '\n')
     return card
 
