@@ -57,12 +57,12 @@ def brains(seeds, config):
                                    'b0_dir': tuple(head.b0_dirs[0]), 'magnitude': None}
 
 
-def lpcnn_nrmse(fields, mask, voxel_size, b0_dirs, truth, model):
-    """NRMSE (percent) of ``model``, run as qsmprep runs LP-CNN, against ``truth``."""
-    return metrics.nrmse(lpcnn_invert(fields, mask, voxel_size, b0_dirs, model, device='cpu'), truth, mask)
+def lpcnn_nrmse(fields, mask, voxel_size, b0_dirs, truth, model, device):
+    """NRMSE (percent) of ``model``, run as qsmprep runs LP-CNN on ``device``, against ``truth``."""
+    return metrics.nrmse(lpcnn_invert(fields, mask, voxel_size, b0_dirs, model, device=device), truth, mask)
 
 
-def size_rows(brain_list, results):
+def size_rows(brain_list, results, device):
     """The table of what the CNN adds to its start: patches of each size, then the whole brains
     (their LP-CNN scores from ``results``)."""
     torch.set_num_threads(2)
@@ -77,13 +77,13 @@ def size_rows(brain_list, results):
         for index in range(PATCHES_PER_SIZE):
             patch = simulate_batch(0, index, 1, size, config, VALIDATION_STREAM)[0]
             pairs.append([lpcnn_nrmse(list(patch.local_fields_ppm), patch.mask, patch.voxel_size, patch.b0_dirs,
-                                      patch.chi_ppm, m) for m in (start_model, model)])
+                                      patch.chi_ppm, m, device) for m in (start_model, model)])
         start, final = np.mean(pairs, axis=0)
         lines.append(f'| patch {size}^3 | {len(pairs)} | {start:.1f} | {final:.1f} | {start - final:.1f} |')
         print(lines[-1], flush=True)
     for fraction in DISTURBANCE_FRACTIONS:
         start = np.mean([lpcnn_nrmse([data['local_field']], data['mask'], data['voxel_size'], [data['b0_dir']],
-                                     data['reference'], start_model)
+                                     data['reference'], start_model, device)
                          for _, brain_fraction, data in brain_list if brain_fraction == fraction])
         final = np.mean([r[2]['NRMSE'] for r in results['lpcnn'] if r[1] == fraction])
         lines.append(f'| whole brain, fraction {fraction:g} | {len(HELD_OUT_SEEDS)} | {start:.1f} | {final:.1f} | '
@@ -125,7 +125,7 @@ def main():
             label = 'all' if fraction is None else f'fraction {fraction:g}'
             mean_lines.append(f'| {method} | {label} | {cells} | {np.mean([r[3] for r in rows]):.1f} |')
 
-    gain_lines = size_rows(brain_list, results)
+    gain_lines = size_rows(brain_list, results, args.device)
 
     lines = [
         '# Dipole inversion on whole simulated brains held out from every choice',
