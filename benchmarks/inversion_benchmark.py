@@ -212,10 +212,13 @@ def model_error_rows(device, voxel_size_mm=1.0):
 
 
 def _device_name(device):
-    if device == 'cuda':
-        import torch
-        return torch.cuda.get_device_name(0)
-    return f'{platform.machine()}, 2 threads'
+    """Where LP-CNN ran and in which arithmetic its CNN ran there (``lpcnn.uses_bfloat16``)."""
+    import torch
+    from qsmprep.learned.lpcnn import uses_bfloat16
+
+    arithmetic = 'bfloat16' if uses_bfloat16('auto', torch.device(device)) else 'float32'
+    where = torch.cuda.get_device_name(0) if device == 'cuda' else f'{platform.machine()}, 2 threads'
+    return f'{where}, CNN in {arithmetic}'
 
 
 def main():

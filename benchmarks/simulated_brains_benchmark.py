@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.inversion_benchmark import _chosen, run_method, scores  # noqa: E402
+from benchmarks.inversion_benchmark import _chosen, _device_name, run_method, scores  # noqa: E402
 from qsmprep.learned.lpcnn import lpcnn_invert  # noqa: E402
 from qsmprep.learned.models import SHIPPED_LPCNN, load_model, read_card  # noqa: E402
 from qsmprep.learned.simulate import (HEAD_B0_TILT_DEG, VALIDATION_STREAM, SimulationConfig,  # noqa: E402
@@ -139,7 +139,8 @@ def main():
         f'({config.noise_max_ppm:g} ppm), residual background ({config.background_max_ppm:g} ppm RMS) and white matter',
         f'anisotropy ({config.anisotropy_max_ppm:g} ppm) in the field. Scored inside the brain mask against the true',
         'mean susceptibility, both referenced to their mean there (CONVENTIONS.md); dNRMSE after the best',
-        f'linear rescaling. LP-CNN is the shipped model, run on {args.device}; TV without magnitude weighting.',
+        f'linear rescaling. LP-CNN is the shipped model, run on {args.device} ({_device_name(args.device)}); TV',
+        'without magnitude weighting.',
         '',
         '## NRMSE % of each brain',
         '',

@@ -146,6 +146,22 @@ def test_tiles_need_a_halo_as_wide_as_the_receptive_field():
         assert not torch.allclose(lpcnn.apply_in_tiles(network, volume, 8, 1), whole, atol=1e-3)
 
 
+def test_the_cnn_in_bfloat16_agrees_with_float32_and_auto_chooses_it_on_cpus_with_bfloat16_instructions():
+    fields, mask = _fields_and_mask()
+    model = _random_model()
+    single = lpcnn.lpcnn_invert(fields, mask, ANISOTROPIC_VOXEL, OBLIQUE, model, device='cpu', precision='float32')
+    half = lpcnn.lpcnn_invert(fields, mask, ANISOTROPIC_VOXEL, OBLIQUE, model, device='cpu', precision='bfloat16')
+    difference = np.linalg.norm(half - single) / np.linalg.norm(single)
+    assert 0 < difference < 0.02
+    capabilities = torch.cpu.get_capabilities()
+    native = bool(capabilities.get('avx512_bf16') or capabilities.get('amx_bf16'))
+    assert lpcnn.uses_bfloat16('auto', torch.device('cpu')) == native
+    assert not lpcnn.uses_bfloat16('auto', torch.device('cuda'))
+    assert lpcnn.uses_bfloat16('bfloat16', torch.device('cuda'))
+    with pytest.raises(ValueError, match='precision'):
+        lpcnn.uses_bfloat16('float16', torch.device('cpu'))
+
+
 def test_the_reflection_average_is_symmetric_under_point_reflection_and_one_pass_is_not():
     # The dipole kernel of -b is that of b: the point-reflected fields pose the same problem,
     # reflected. The CNN alone does not commute with the reflection; the average of the two passes does.
@@ -229,6 +245,9 @@ def test_a_few_training_steps_lower_the_validation_error_and_the_card_describes_
     # TINY_TRAINING draws random shapes alone.
     assert card['validation']['nrmse_percent_by_kind'] == {'shapes': validations[-1]}
     assert card['runs'][0]['patch_size'] == 16 and card['architecture']['channels'] == 8
+    assert card['runs'][0]['precision'] == 'auto'
+    assert card['runs'][0]['cnn_arithmetic'] == ('bfloat16' if lpcnn.uses_bfloat16('auto', torch.device('cpu'))
+                                                 else 'float32')
     model = load_model(tmp_path)
     fields, mask = _fields_and_mask(shape=(16, 16, 16), orientations=1)
     mask[:] = True

@@ -62,11 +62,31 @@ INITIAL_L2_WEIGHT = 1e-2
 # 228^3 voxels, stays near 5 GB at about 450 bytes per voxel.
 DEFAULT_TILE = 192
 FFT_DIMS = (-3, -2, -1)
+PRECISIONS = ('auto', 'float32', 'bfloat16')
 
 
 def default_device():
     """The first GPU when torch sees one, else the CPU."""
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def uses_bfloat16(precision, device):
+    """Whether the proximal CNN runs in bfloat16 on ``device`` for ``precision`` ('auto': on a CPU
+    with bfloat16 instructions, AVX512-BF16 or AMX, and nowhere else).
+
+    On this machine's AVX512-BF16 CPU (2 cores) bfloat16 made the CNN 1.9 times as fast at
+    inference (128^3, in channels-last layout: 3.2 against 6.1 s) and a training step on two
+    64^3 patches 2.2 times as fast (1.6 against 3.6 s), and changed its correction by 0.4 % (the
+    norm of the difference over the norm of the correction). The dipole convolutions, the
+    starting estimate and the sums stay in float32. A CPU without those instructions emulates
+    bfloat16 slowly, and no GPU has been measured, so 'auto' keeps float32 there.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision {precision!r} is not one of {PRECISIONS}')
+    if precision != 'auto':
+        return precision == 'bfloat16'
+    capabilities = torch.cpu.get_capabilities() if device.type == 'cpu' else {}
+    return bool(capabilities.get('avx512_bf16') or capabilities.get('amx_bf16'))
 
 
 class TorchDipoleOperator:
@@ -186,9 +206,12 @@ class ProximalCNN(nn.Module):
         self.receptive_radius = 2 + 2 * blocks
 
     def forward(self, estimate_and_mask):
-        """(B, 2, ...) estimate and mask in, (B, 1, ...) corrected estimate out."""
+        """(B, 2, ...) estimate and mask in, (B, 1, ...) corrected estimate out (float32)."""
+        # The channels-last layout gives the same result faster on the CPU: 6.1 against 8.3 s
+        # for a 128^3 volume, and a training step 1.7 times as fast.
+        estimate_and_mask = estimate_and_mask.contiguous(memory_format=torch.channels_last_3d)
         features = torch.relu(self.input_conv(estimate_and_mask))
-        return estimate_and_mask[:, :1] + self.output_conv(self.blocks(features))
+        return estimate_and_mask[:, :1] + self.output_conv(self.blocks(features)).float()
 
 
 def apply_in_tiles(network, volume, tile, halo):
@@ -219,7 +242,8 @@ class LPCNN(nn.Module):
 
     ``forward(local_fields, mask, voxel_sizes, b0_dirs)`` takes fields (B, N, X, Y, Z) and a mask
     (B, 1, X, Y, Z) as tensors in network units, voxel sizes (B, 3) in mm and B0 directions
-    (B, N, 3) in voxel axes, and returns susceptibility (B, 1, X, Y, Z) in network units.
+    (B, N, 3) in voxel axes, and returns susceptibility (B, 1, X, Y, Z) in network units; with
+    ``bfloat16`` the proximal CNN runs in bfloat16 (``uses_bfloat16``), the rest in float32.
     ``config`` holds the constructor's arguments, which the model card stores.
     """
 
@@ -242,11 +266,12 @@ class LPCNN(nn.Module):
             # Learned on a log scale: the weight must stay positive, and its useful range spans decades.
             self.log_l2_weight = nn.Parameter(torch.tensor(float(np.log(initial_l2_weight))))
 
-    def _proximal(self, iteration, estimate, mask, tile):
+    def _proximal(self, iteration, estimate, mask, tile, bfloat16):
         network = self.proximal_networks[0 if len(self.proximal_networks) == 1 else iteration]
-        return apply_in_tiles(network, torch.cat([estimate, mask], dim=1), tile, network.receptive_radius)
+        with torch.autocast(estimate.device.type, dtype=torch.bfloat16, enabled=bfloat16):
+            return apply_in_tiles(network, torch.cat([estimate, mask], dim=1), tile, network.receptive_radius)
 
-    def forward(self, local_fields, mask, voxel_sizes, b0_dirs, tile=None):
+    def forward(self, local_fields, mask, voxel_sizes, b0_dirs, tile=None, bfloat16=False):
         operator = TorchDipoleOperator(local_fields.shape[2:], voxel_sizes, b0_dirs, self.pad_factor,
                                        device=local_fields.device)
         masked_fields = local_fields * mask
@@ -261,7 +286,7 @@ class LPCNN(nn.Module):
         for iteration in range(self.iterations):
             residual = operator.forward(chi) * mask - masked_fields
             gradient = operator.adjoint(residual) / operator.orientations
-            chi = mask * self._proximal(iteration, mask * (chi - self.step_size * gradient), mask, tile)
+            chi = mask * self._proximal(iteration, mask * (chi - self.step_size * gradient), mask, tile, bfloat16)
         return chi
 
 
@@ -275,7 +300,7 @@ def _orientations_first(local_fields_ppm):
 
 
 def lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, device=None, tile=DEFAULT_TILE,
-                 reflection_average=True):
+                 reflection_average=True, precision='auto'):
     """Susceptibility (ppm) from the local fields of one or more head orientations, 0 outside ``mask``.
 
     ``local_fields_ppm``: a list of 3-D arrays, a 4-D array with orientations on the last axis,
@@ -284,6 +309,8 @@ def lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, device=None
     sees one, else the CPU) on the mask's bounding box. The dipole convolutions need the whole
     box's FFT, but the CNN is local, so it is applied in tiles of ``tile`` voxels (with a halo of
     its receptive radius) to bound memory; ``tile=None`` applies it to the whole box at once.
+    ``precision`` says whether the CNN runs in bfloat16 (``uses_bfloat16``; 'auto': on a CPU that
+    has bfloat16 instructions).
 
     With ``reflection_average`` the result is the mean of two estimates: the model's, and the
     model's estimate of the point-reflected fields (r -> -r), reflected back. The reflection
@@ -309,10 +336,12 @@ def lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, device=None
     fields_in = torch.from_numpy(fields[(slice(None),) + box] * NETWORK_UNITS_PER_PPM)[None].to(device)
     mask_in = torch.from_numpy(mask[box].astype(np.float32))[None, None].to(device)
     model = model.to(device).eval()
+    bfloat16 = uses_bfloat16(precision, device)
     with torch.no_grad():
-        chi_network = model(fields_in, mask_in, [voxel_size], [b0_dirs], tile=tile)
+        chi_network = model(fields_in, mask_in, [voxel_size], [b0_dirs], tile=tile, bfloat16=bfloat16)
         if reflection_average:
-            reflected = model(fields_in.flip(FFT_DIMS), mask_in.flip(FFT_DIMS), [voxel_size], [b0_dirs], tile=tile)
+            reflected = model(fields_in.flip(FFT_DIMS), mask_in.flip(FFT_DIMS), [voxel_size], [b0_dirs], tile=tile,
+                              bfloat16=bfloat16)
             chi_network = (chi_network + reflected.flip(FFT_DIMS)) / 2
     chi[box] = chi_network[0, 0].cpu().numpy() / NETWORK_UNITS_PER_PPM
     return np.where(mask, chi, 0).astype(np.float32)

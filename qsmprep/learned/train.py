@@ -48,8 +48,8 @@ from qsmprep import __version__
 from qsmprep.cli.parser import _positive_int
 from qsmprep.science import inversion, metrics
 
-from .lpcnn import (INITIAL_ESTIMATES, INITIAL_L2_WEIGHT, LPCNN, NETWORK_UNITS_PER_PPM, default_device,
-                    lpcnn_invert)
+from .lpcnn import (INITIAL_ESTIMATES, INITIAL_L2_WEIGHT, LPCNN, NETWORK_UNITS_PER_PPM, PRECISIONS,
+                    default_device, lpcnn_invert, uses_bfloat16)
 from .models import CARD_NAME, CHECKPOINT_NAME, WEIGHTS_NAME, sha256_of
 from .simulate import (GENERATOR_VERSION, HEAD_DISTURBANCE_FRACTION, VALIDATION_STREAM, SimulationConfig,
                        simulate_batch, simulate_head)
@@ -59,7 +59,7 @@ LOG_NAME = 'training_log.jsonl'
 DEFAULT_INITIAL_ESTIMATE = 'l2_gcv'
 # Arguments that say where and how long to run, not what is trained: not part of the recipe.
 RUN_ARGUMENTS = ('command', 'out', 'steps', 'resume', 'device', 'workers', 'checkpoint_every', 'log_every')
-SCHEDULE_ARGUMENTS = ('patch_size', 'batch_size', 'learning_rate')
+SCHEDULE_ARGUMENTS = ('patch_size', 'batch_size', 'learning_rate', 'precision')
 # Settings of the simulated training data (the checkpoint's, unless a resumed run gives them),
 # each with the SimulationConfig field it sets.
 SIMULATION_ARGUMENTS = {'voxel_size_range': 'voxel_size_range_mm', 'max_orientations': 'max_orientations',
@@ -107,6 +107,9 @@ def _build_parser():
     run.add_argument('--workers', type=_worker_count, default=_default_workers(),
                      help='processes simulating the coming batches while the model trains (0: the training '
                           'process simulates each batch itself); default: one per CPU core but one')
+    run.add_argument('--precision', choices=PRECISIONS, default='auto',
+                     help="arithmetic of the proximal CNN's training steps; auto: bfloat16 on a CPU with "
+                          'bfloat16 instructions, else float32 (validation is always float32)')
     run.add_argument('--checkpoint-every', type=_positive_int, default=500, help='steps between checkpoints')
     run.add_argument('--log-every', type=_positive_int, default=50, help='steps between log lines')
 
@@ -287,7 +290,7 @@ def validate_heads(model, heads, device):
     scores = []
     for seed, disturbed, head in heads:
         estimate = lpcnn_invert(list(head.local_fields_ppm), head.mask, head.voxel_size, head.b0_dirs, model, device,
-                                reflection_average=False)
+                                reflection_average=False, precision='float32')
         inside_estimate = estimate[head.mask] - estimate[head.mask].mean()
         inside_truth = head.chi_ppm[head.mask] - head.chi_ppm[head.mask].mean()
         scale = float(inside_estimate @ inside_truth / max(float(inside_estimate @ inside_estimate), 1e-30))
@@ -437,6 +440,7 @@ def train_lpcnn(args):
     """
     started = time.monotonic()
     device = _device(args.device)
+    bfloat16 = uses_bfloat16(args.precision, device)
     recipe, model, optimizer, step, earlier_runs = _start(args, device)
     first_step = step
     config = simulation_config(recipe)
@@ -463,6 +467,7 @@ def train_lpcnn(args):
         this_run = {'first_step': first_step, 'last_step': step, 'wall_time_s': time.monotonic() - started,
                     **{key: getattr(args, key) for key in SCHEDULE_ARGUMENTS},
                     'simulation': simulation, 'initial_estimate': recipe['initial_estimate'],
+                    'cnn_arithmetic': 'bfloat16' if bfloat16 else 'float32',
                     'simulation_workers': args.workers, 'hardware': _hardware(device)}
         runs = earlier_runs + [this_run]
         _save_atomically({'step': step, 'model_state': model.state_dict(), 'optimizer_state': optimizer.state_dict(),
@@ -486,7 +491,7 @@ def train_lpcnn(args):
         while step < args.steps and not stop_requests:
             samples = next(batches)
             fields, mask, chi, voxel_sizes, b0_dirs = _batch_tensors(samples, device)
-            loss = _masked_loss(model(fields, mask, voxel_sizes, b0_dirs), chi, mask, recipe['loss'])
+            loss = _masked_loss(model(fields, mask, voxel_sizes, b0_dirs, bfloat16=bfloat16), chi, mask, recipe['loss'])
             optimizer.zero_grad()
             loss.backward()
             if recipe['gradient_clip'] > 0:
