@@ -18,7 +18,9 @@ white matter's susceptibility anisotropy, and white noise stronger than LP-CNN t
 """
 import argparse
 import multiprocessing
+import os
 import platform
+import queue
 import resource
 import sys
 import time
@@ -105,22 +107,33 @@ def _invert(method, data, device):
                             magnitude=data['magnitude'] if method in ('tv', 'nltv') else None, **options)
 
 
-def _run_method(method, data, device, queue):
+def _run_method(method, data, device, results):
     with scipy.fft.set_workers(2):
         started = time.time()
         chi, parameters = _invert(method, data, device)
         seconds = time.time() - started
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-    queue.put((chi, parameters, seconds, peak_gb))
+    results.put((chi, parameters, seconds, peak_gb))
 
 
 def run_method(method, data, device='cpu'):
     """chi, chosen parameters, seconds and the child's peak resident memory (GB, data included)."""
     context = multiprocessing.get_context('fork')
-    queue = context.Queue()
-    process = context.Process(target=_run_method, args=(method, data, device, queue))
+    results = context.Queue()
+    process = context.Process(target=_run_method, args=(method, data, device, results))
     process.start()
-    result = queue.get()
+    # A child that fails (an exception, or killed for memory) sends nothing: wait for it only while it lives.
+    while True:
+        try:
+            result = results.get(timeout=10)
+            break
+        except queue.Empty:
+            if not process.is_alive():
+                try:
+                    result = results.get(timeout=10)
+                    break
+                except queue.Empty:
+                    raise RuntimeError(f'{method} ended (exit code {process.exitcode}) without a result') from None
     process.join()
     return result
 
@@ -211,6 +224,10 @@ def model_error_rows(device, voxel_size_mm=1.0):
     return rows
 
 
+def machine_description():
+    return f'this {len(os.sched_getaffinity(0))}-core {platform.machine()} machine'
+
+
 def _device_name(device):
     """Where LP-CNN ran and in which arithmetic its CNN ran there (``lpcnn.uses_bfloat16``)."""
     import torch
@@ -241,7 +258,7 @@ def main():
     lines = [
         '# Dipole inversion: every method on the same data',
         '',
-        'Made on this 2-core machine by:',
+        f'Made on {machine_description()} by:',
         '',
         f'    python benchmarks/inversion_benchmark.py --out {args.out} --device {args.device}',
         '',

@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.inversion_benchmark import _chosen, _device_name, run_method, scores  # noqa: E402
+from benchmarks.inversion_benchmark import (_chosen, _device_name, machine_description,  # noqa: E402
+                                           run_method, scores)
 from qsmprep.learned.lpcnn import lpcnn_invert  # noqa: E402
 from qsmprep.learned.models import SHIPPED_LPCNN, load_model, read_card  # noqa: E402
 from qsmprep.learned.simulate import (HEAD_B0_TILT_DEG, VALIDATION_STREAM, SimulationConfig,  # noqa: E402
@@ -130,7 +131,7 @@ def main():
     lines = [
         '# Dipole inversion on whole simulated brains held out from every choice',
         '',
-        'Made on this 2-core machine by:',
+        f'Made on {machine_description()} by:',
         '',
         f'    python benchmarks/simulated_brains_benchmark.py --out {args.out} --device {args.device}',
         '',

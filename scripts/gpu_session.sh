@@ -18,7 +18,7 @@
 #
 # Arguments after MINUTES go to qsmprep-train (its schedule: patch size, batch size, learning rate).
 # Large patches are what a GPU is for: the shipped model, trained on the CPU on 32^3 and 64^3
-# patches (a 96^3 step of batch 1 takes 20 to 30 s there), adds much less to its starting
+# patches (a 96^3 step of batch 1 takes 35 s there in float32, 8 s in bfloat16), adds much less to its starting
 # estimate on 96^3 patches than on 64^3 ones and next to nothing on whole brains
 # (benchmarks/SIMULATED_BRAINS.md), so --patch-size 128 (a 1.5 mm brain fits) with
 # --batch-size 2 is the first thing to try.
@@ -67,7 +67,8 @@ for _ in range(3):
     on_gpu = lpcnn.lpcnn_invert(field, mask, voxel_size, b0_dir, model, device='cuda')
     torch.cuda.synchronize()
     seconds.append(time.perf_counter() - start)
-on_cpu = lpcnn.lpcnn_invert(field, mask, voxel_size, b0_dir, model, device='cpu')
+# float32 on the CPU too: on a CPU with bfloat16 instructions 'auto' would measure bfloat16's error.
+on_cpu = lpcnn.lpcnn_invert(field, mask, voxel_size, b0_dir, model, device='cpu', precision='float32')
 difference = np.abs(on_gpu - on_cpu).max() / np.abs(on_cpu).max()
 print(f'{torch.cuda.get_device_name()}: LP-CNN on 160^3 in {min(seconds):.2f} s (best of 3 after a warm-up), '
       f'peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB; '

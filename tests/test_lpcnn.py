@@ -5,6 +5,8 @@ one CPU thread.
 """
 import dataclasses
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -270,6 +272,23 @@ def test_resumed_training_continues_the_step_count_and_matches_an_uninterrupted_
     resumed = torch.load(tmp_path / 'resumed' / 'model.pt', weights_only=True)
     for name, value in straight.items():
         assert torch.allclose(resumed[name], value, atol=1e-6), name
+
+
+def test_a_missing_resume_checkpoint_is_one_message_before_anything_is_written(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(['lpcnn', '--out', str(tmp_path / 'out'), '--resume', str(tmp_path / 'nothing.pt'), *TINY_TRAINING])
+    assert stopped.value.code == 2
+    assert 'nothing.pt: no such checkpoint file' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_the_mni_maps_load_without_nilearns_datasets_package():
+    # A GPU machine gets only the wheels of nilearn and nibabel; nilearn.datasets imports pandas,
+    # requests and scikit-learn, so the phantoms read nilearn's files without importing it.
+    code = ('import sys; from qsmprep.learned import phantoms; maps = phantoms.mni_tissue_maps(); '
+            'assert maps["brain"].sum() > 1e6; print(sorted(m for m in sys.modules if m.startswith("nilearn")))')
+    completed = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    assert completed.stdout.strip() == '[]'
 
 
 def test_a_resumed_run_may_change_the_simulation_and_every_run_records_its_own(tmp_path):

@@ -2,8 +2,7 @@
 
 - ``lpcnn``: the dipole operator in torch, the proximal CNN, the unrolled LP-CNN and ``lpcnn_invert``.
 - ``phantoms`` and ``simulate``: seeded, versioned training samples simulated on the fly.
-- ``train``: ``qsmprep-train lpcnn``, its checkpoints and model card, and ``load_model``.
-
+- ``train``: ``qsmprep-train lpcnn``, its checkpoints and model card.
 - ``models``: the shipped LP-CNN, its card and ``load_model``.
 
 Nothing here but this module is imported by the rest of qsmprep before a learned method is

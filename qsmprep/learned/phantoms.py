@@ -2,8 +2,9 @@
 
 Both are drawn on an arbitrary, possibly anisotropic, grid (``shape``, ``spacing_mm``) centred
 on the patch, so the simulator can draw them on a grid finer than the patch's voxels. Each
-returns ``(chi_ppm, mask)``: the susceptibility is 0 outside the mask, because the local field
-is the field of the susceptibility inside the mask.
+returns ``(chi_ppm, mask)``, and the brain-like ones also their white matter fraction (for
+the anisotropy's field): the susceptibility is 0 outside the mask, because the local field is
+the field of the susceptibility inside the mask.
 
 The brain-like patches are cut from the MNI152 2009a grey and white matter maps that nilearn
 ships (the same template benchmarks/simulate_bids.py builds its head from), with random tissue
@@ -11,8 +12,10 @@ values, a random rotation, a smooth random deformation, and random nuclei, veins
 calcifications and microbleeds. nilearn is needed only for them.
 """
 import functools
+import importlib.util
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import scipy.fft
 from scipy import ndimage
@@ -145,13 +148,13 @@ def mni_tissue_maps():
     cross rather than a ball (as benchmarks/simulate_bids.py uses): within 0.6 % of its voxels
     and five times faster.
     """
-    try:
-        import nibabel as nib
-        import nilearn.datasets
-    except ImportError as error:
+    # Only nilearn's files are read: importing nilearn.datasets would pull in pandas, requests and
+    # scikit-learn, which a GPU machine given only the wheels of nilearn and nibabel lacks.
+    nilearn_spec = importlib.util.find_spec('nilearn')
+    if nilearn_spec is None:
         raise ImportError('brain-like training patches need nilearn (pip install nilearn), '
-                          'which ships the MNI152 tissue maps') from error
-    data_dir = Path(nilearn.datasets.__file__).parent / 'data'
+                          'which ships the MNI152 tissue maps')
+    data_dir = Path(nilearn_spec.origin).parent / 'datasets' / 'data'
     maps = {key: nib.load(data_dir / name).get_fdata(dtype=np.float32) / 255.0 for key, name in MNI_FILES.items()}
     cross = ndimage.generate_binary_structure(3, 1)
     brain = ndimage.binary_fill_holes(ndimage.binary_closing(maps['gm'] + maps['wm'] > 0.5, cross, iterations=3))
@@ -160,7 +163,7 @@ def mni_tissue_maps():
 
 
 def _random_brain_centre(rng, brain):
-    """A random voxel index inside the brain (rejection sampling in its bounding box)."""
+    """A random voxel index inside the brain (rejection sampling on the whole grid)."""
     while True:
         index = tuple(rng.integers(0, n) for n in brain.shape)
         if brain[index] > 0.5:

@@ -87,7 +87,9 @@ def _worker_count(text):
 
 
 def _default_workers():
-    return max(len(os.sched_getaffinity(0)) - 1, 0)
+    # The cores this process may use (a batch scheduler's share); sched_getaffinity is Linux only.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return max(cores - 1, 0)
 
 
 def _build_parser():
@@ -127,7 +129,7 @@ def _build_parser():
     model.add_argument('--initial-estimate', choices=INITIAL_ESTIMATES,
                        help='starting estimate: the closed-form L2 solution of all orientations with a learned '
                             'weight (l2) or the weight GCV picks for each sample (l2_gcv), or 0 (the paper); '
-                            f'default: a fresh run {DEFAULT_INITIAL_ESTIMATE}, a resumed run its checkpoint\'s'),
+                            f'default: a fresh run {DEFAULT_INITIAL_ESTIMATE}, a resumed run its checkpoint\'s')
     model.add_argument('--initial-l2-weight', type=float, default=INITIAL_L2_WEIGHT,
                        help="initial value of the L2 starting estimate's learned gradient-penalty weight")
 
@@ -483,32 +485,35 @@ def train_lpcnn(args):
         stop_requests.append(signal_number)
 
     previous_handlers = {number: signal.signal(number, request_stop) for number in (signal.SIGTERM, signal.SIGINT)}
-    with log:
-        # Each run starts with a score on its own held-out data, new if its settings are.
-        write_log({'step': step, **scores_now()})
-        model.train()
-        batches = training_batches(recipe, config, args.batch_size, args.patch_size, step, args.steps, args.workers)
-        while step < args.steps and not stop_requests:
-            samples = next(batches)
-            fields, mask, chi, voxel_sizes, b0_dirs = _batch_tensors(samples, device)
-            loss = _masked_loss(model(fields, mask, voxel_sizes, b0_dirs, bfloat16=bfloat16), chi, mask, recipe['loss'])
-            optimizer.zero_grad()
-            loss.backward()
-            if recipe['gradient_clip'] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe['gradient_clip'])
-            optimizer.step()
-            step += 1
-            if step % args.log_every == 0:
-                entry = {'step': step, 'loss': loss.item(), 'orientations': int(fields.shape[1]),
-                         'step_size': model.step_size.item()}
-                if model.initial_estimate == 'l2':
-                    entry['l2_weight'] = model.log_l2_weight.exp().item()
-                write_log(entry)
-            if step % args.checkpoint_every == 0 and step < args.steps:
-                checkpoint_and_validate()
-        scores, runs = checkpoint_and_validate()
-    for number, handler in previous_handlers.items():
-        signal.signal(number, handler)
+    try:
+        with log:
+            # Each run starts with a score on its own held-out data, new if its settings are.
+            write_log({'step': step, **scores_now()})
+            model.train()
+            batches = training_batches(recipe, config, args.batch_size, args.patch_size, step, args.steps, args.workers)
+            while step < args.steps and not stop_requests:
+                samples = next(batches)
+                fields, mask, chi, voxel_sizes, b0_dirs = _batch_tensors(samples, device)
+                estimate = model(fields, mask, voxel_sizes, b0_dirs, bfloat16=bfloat16)
+                loss = _masked_loss(estimate, chi, mask, recipe['loss'])
+                optimizer.zero_grad()
+                loss.backward()
+                if recipe['gradient_clip'] > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe['gradient_clip'])
+                optimizer.step()
+                step += 1
+                if step % args.log_every == 0:
+                    entry = {'step': step, 'loss': loss.item(), 'orientations': int(fields.shape[1]),
+                             'step_size': model.step_size.item()}
+                    if model.initial_estimate == 'l2':
+                        entry['l2_weight'] = model.log_l2_weight.exp().item()
+                    write_log(entry)
+                if step % args.checkpoint_every == 0 and step < args.steps:
+                    checkpoint_and_validate()
+            scores, runs = checkpoint_and_validate()
+    finally:
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
 
     _save_atomically(model.state_dict(), out / WEIGHTS_NAME)
     card = {
@@ -546,7 +551,11 @@ def train_lpcnn(args):
 
 
 def main(argv=None):
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.resume is not None and not Path(args.resume).is_file():
+        parser.error(f'--resume {args.resume}: no such checkpoint file; give the checkpoint.pt of a run '
+                     '(the shipped one is qsmprep/learned/models/lpcnn/checkpoint.pt)')
     card = train_lpcnn(args)
     print(f'qsmprep-train: {card["steps"]} steps, validation NRMSE {card["validation"]["nrmse_percent"]:.1f} %, '
           f'model card {args.out / CARD_NAME}')
