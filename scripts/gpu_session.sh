@@ -18,10 +18,11 @@
 #
 # Arguments after MINUTES go to qsmprep-train (its schedule: patch size, batch size, learning rate).
 # Large patches are what a GPU is for: the shipped model, trained on the CPU on 32^3 and 64^3
-# patches (a 96^3 step of batch 1 takes 35 s there in float32, 8 s in bfloat16), adds much less to its starting
-# estimate on 96^3 patches than on 64^3 ones and next to nothing on whole brains
+# patches (a 96^3 step of batch 1 takes 35 s there in float32, 8 s in bfloat16), adds much less
+# to its starting estimate on 96^3 patches than on 64^3 ones and next to nothing on whole brains
 # (benchmarks/SIMULATED_BRAINS.md), so --patch-size 128 (a 1.5 mm brain fits) with
-# --batch-size 2 is the first thing to try.
+# --batch-size 2 is the first thing to try. Two CPU fine-tunes of a few hundred 96^3 steps of
+# batch 1 did not improve the whole brains.
 # One core simulates a 96^3 batch of 4 in about 9 s, so qsmprep-train's default of one simulation
 # worker per CPU core but one (15 there) is what keeps the GPU busy.
 set -euo pipefail
