@@ -21,10 +21,10 @@
 # patches (a 96^3 step of batch 1 takes 35 s there in float32, 8 s in bfloat16), adds much less
 # to its starting estimate on 96^3 patches than on 64^3 ones and next to nothing on whole brains
 # (benchmarks/SIMULATED_BRAINS.md), so --patch-size 128 (a 1.5 mm brain fits) with
-# --batch-size 2 is the first thing to try. CPU fine-tunes have stopped helping: two of a few
-# hundred 96^3 steps of batch 1 made the whole brains worse, and 743 steps of two 64^3 patches
-# (lr 3e-5) traded clean brains for disturbed ones (mean NRMSE of simulate_head seeds 0-2 x
-# fractions 0, 0.5, 1 at 1.5 mm: 48.6 -> 48.0 %, without disturbance 30.4 -> 31.0 %).
+# --batch-size 2 is the first thing to try. CPU fine-tunes have stopped helping. The mean NRMSE of
+# simulate_head seeds 0-2 x fractions 0, 0.5, 1 at 1.5 mm went from 48.6 to 48.9 % after 419
+# steps on one 96^3 patch each. After 743 steps on two 64^3 patches each (lr 3e-5) it went to
+# 48.0 %, but the brains without disturbance went from 30.4 to 31.0 %.
 # One core simulates a 96^3 batch of 4 in about 9 s, so qsmprep-train's default of one simulation
 # worker per CPU core but one (15 there) is what keeps the GPU busy.
 set -euo pipefail
