@@ -62,14 +62,22 @@ AIR_POCKETS = (((0, 72, 0), (12, 5, 9)), ((0, 16, -40), (12, 10, 8)), ((60, -25,
                ((-60, -25, -42), (8, 10, 8)))
 
 
-def load_mni_maps(voxel_size_mm):
-    """T1, grey and white matter maps in [0, 1] on an isotropic grid, and its affine."""
+def load_mni_maps(voxel_size_mm, scale=(1.0, 1.0, 1.0)):
+    """T1, grey and white matter maps in [0, 1] on a grid of ``voxel_size_mm`` (one number or one
+    per axis), and its affine.
+
+    ``scale`` stretches the template along each axis (a head of another size and shape): the
+    affine returned still maps voxels to MNI millimetres, so structures placed by MNI
+    coordinates follow the stretch; the grid's true voxel size is ``voxel_size_mm``.
+    """
+    voxel_size = np.broadcast_to(np.asarray(voxel_size_mm, dtype=float), (3,))
     images = {key: nib.load(MNI_DATA / name) for key, name in MNI_FILES.items()}
     affine = images['t1'].affine.copy()
-    zoom = 1.0 / voxel_size_mm
+    mni_step = voxel_size / np.asarray(scale, dtype=float)
+    zoom = 1.0 / mni_step
     maps = {key: ndimage.zoom(img.get_fdata(dtype=np.float32) / 255.0, zoom, order=1)
             for key, img in images.items()}
-    affine[:3, :3] *= voxel_size_mm
+    affine[:3, :3] = affine[:3, :3] @ np.diag(mni_step)
     return maps, affine
 
 
@@ -97,19 +105,29 @@ def _mirrored(centre):
     return [tuple(centre), (-centre[0],) + tuple(centre[1:])]
 
 
-def head_phantom(voxel_size_mm=1.0, seed=0):
-    """Arrays of one simulated head on an isotropic grid (MNI orientation) and its affine.
+def head_phantom(voxel_size_mm=1.0, seed=0, scale=(1.0, 1.0, 1.0), lesions=(), bias=('linear', 0.3),
+                 field_strength_t=FIELD_STRENGTH_T):
+    """Arrays of one simulated head (MNI orientation) and its affine.
 
-    Keys: chi (ppm, air and bone included), brain_mask, head_mask, m0, r1, r2star (1/s),
-    phase_offset (rad), wm_fraction (white matter's share of each brain voxel).
+    ``voxel_size_mm`` is one number or one per axis. Variants of the head: ``scale`` stretches
+    the template along each axis, ``lesions`` adds ellipsoids (MNI centre mm, radii mm, chi ppm,
+    R2* 1/s at 3 T) such as a haemorrhage or a calcification, ``bias`` is the receive-coil bias
+    (``('linear', s)``: from 1 - s to 1 + s, brighter towards the back and top; ``('rim', s)``:
+    as an array coil, 1 at the centre to 1 + s at the skin; ``('centre', s)``: as a 7 T head, 1 + s
+    at the centre to 1 at the skin) and R2* grows linearly with ``field_strength_t`` from its 3 T
+    values. The default is the head every test and benchmark used before variants existed.
+
+    Keys: chi (ppm, air and bone included), brain_mask, head_mask, intracranial_mask, m0, r1,
+    r2star (1/s), phase_offset (rad), wm_fraction (white matter's share of each brain voxel),
+    nuclei (label map: 1 + the index in NUCLEI of each deep grey matter nucleus, 0 elsewhere).
     """
     rng = np.random.default_rng(seed)
-    maps, affine = load_mni_maps(voxel_size_mm)
-    vs = (voxel_size_mm,) * 3
+    vs = tuple(float(v) for v in np.broadcast_to(np.asarray(voxel_size_mm, dtype=float), (3,)))
+    maps, affine = load_mni_maps(vs, scale)
     # The template is skull-stripped: grow a skull and a scalp around it, inside a larger grid.
-    margin = int(np.ceil((BONE_MM + SCALP_MM + 4) / voxel_size_mm))
-    maps = {key: np.pad(m, margin) for key, m in maps.items()}
-    affine[:3, 3] -= affine[:3, :3] @ np.full(3, margin)
+    margin = [int(np.ceil((BONE_MM + SCALP_MM + 4) / v)) for v in vs]
+    maps = {key: np.pad(m, [(n, n) for n in margin]) for key, m in maps.items()}
+    affine[:3, 3] -= affine[:3, :3] @ np.asarray(margin, dtype=float)
     world = _world_grid(maps['t1'].shape, affine)
 
     brain = ndimage.binary_fill_holes(eroded(dilated(maps['gm'] + maps['wm'] > 0.5, 3, vs), 3, vs))
@@ -124,21 +142,26 @@ def head_phantom(voxel_size_mm=1.0, seed=0):
     wm_fraction = np.where(brain, maps['wm'], 0)
     gm_fraction = np.where(brain, maps['gm'], 0)
     csf_fraction = np.where(brain, np.clip(1 - wm_fraction - gm_fraction, 0, 1), 0)
-    texture = ndimage.gaussian_filter(rng.standard_normal(brain.shape).astype(np.float32), 2.0 / voxel_size_mm)
+    texture = ndimage.gaussian_filter(rng.standard_normal(brain.shape).astype(np.float32),
+                                      [2.0 / v for v in vs])
     texture *= 0.01 / max(float(texture[brain].std()), 1e-9)
     chi = CHI_WM * wm_fraction + CHI_GM * gm_fraction + np.where(brain, texture, 0)
     r2star = 20.0 * wm_fraction + 15.0 * gm_fraction + 4.0 * csf_fraction
     m0 = 0.65 * wm_fraction + 0.8 * gm_fraction + 1.0 * csf_fraction
     r1 = 1.1 * wm_fraction + 0.7 * gm_fraction + 0.25 * csf_fraction
-    for _, centre, radii, chi_value, r2star_value in NUCLEI:
+    nuclei = np.zeros(brain.shape, dtype=np.uint8)
+    for index, (_, centre, radii, chi_value, r2star_value) in enumerate(NUCLEI):
         for side in _mirrored(centre):
             nucleus = _ellipsoid(world, side, radii) & brain
-            chi[nucleus], r2star[nucleus] = chi_value, r2star_value
+            chi[nucleus], r2star[nucleus], nuclei[nucleus] = chi_value, r2star_value, index + 1
     for start, end, radius in VEINS:
         vein = _segment(world, start, end, radius) & brain
         chi[vein], r2star[vein] = CHI_VEIN, R2STAR_VEIN
     centre, radius, chi_value = CALCIFICATION
     chi[_ellipsoid(world, centre, (radius,) * 3) & brain] = chi_value
+    for centre, radii, chi_value, r2star_value in lesions:
+        lesion = _ellipsoid(world, centre, radii) & brain
+        chi[lesion], r2star[lesion] = chi_value, r2star_value
 
     soft_tissue = head & ~intracranial & ~bone & ~air
     csf = intracranial & ~brain
@@ -147,17 +170,33 @@ def head_phantom(voxel_size_mm=1.0, seed=0):
     m0[soft_tissue], r1[soft_tissue], r2star[soft_tissue] = 0.8, 1.0, 35.0
     m0[bone], r1[bone], r2star[bone] = 0.05, 1.0, 300.0
     m0[air], r1[air], r2star[air] = 0.0, 1.0, 0.0
+    r2star *= field_strength_t / 3.0
 
-    # Smooth receive-coil bias: brighter at the back and top of the head.
-    y, z = world[1], world[2]
-    bias = 0.7 + 0.3 * (y.max() - y) / np.ptp(y) + 0.3 * (z - z.min()) / np.ptp(z)
     phase_offset = qsm_forward.generate_phase_offset(m0, head, m0.shape)
+    # The affine of the grid as scanned: voxels of ``vs`` mm (the template's was stretched).
+    affine = np.diag(list(scale) + [1.0]) @ affine
     return {
         'chi': chi.astype(np.float32), 'brain_mask': brain, 'head_mask': head & ~air,
-        'm0': (m0 * bias).astype(np.float32), 'r1': r1.astype(np.float32),
-        'r2star': r2star.astype(np.float32), 'phase_offset': phase_offset.astype(np.float32),
-        'wm_fraction': wm_fraction.astype(np.float32),
+        'intracranial_mask': intracranial, 'm0': (m0 * coil_bias(world, head, *bias)).astype(np.float32),
+        'r1': r1.astype(np.float32), 'r2star': r2star.astype(np.float32),
+        'phase_offset': phase_offset.astype(np.float32), 'wm_fraction': wm_fraction.astype(np.float32),
+        'nuclei': nuclei,
     }, affine
+
+
+def coil_bias(world, head, kind='linear', strength=0.3):
+    """Smooth receive-coil sensitivity over the grid (see ``head_phantom``'s ``bias``)."""
+    if kind == 'linear':
+        y, z = world[1], world[2]
+        return 1.0 - strength + strength * (y.max() - y) / np.ptp(y) + strength * (z - z.min()) / np.ptp(z)
+    centre = [float(w[head].mean()) for w in world]
+    extent = [float(np.abs(w[head] - c).max()) for w, c in zip(world, centre)]
+    radius_squared = sum(((w - c) / e) ** 2 for w, c, e in zip(world, centre, extent))
+    if kind == 'rim':
+        return 1.0 + strength * np.minimum(radius_squared, 1.5)
+    if kind == 'centre':
+        return 1.0 + strength * np.exp(-3.0 * radius_squared)
+    raise ValueError(f'unknown coil bias {kind!r}')
 
 
 def tilted_affine(affine, tilt_deg):
@@ -182,7 +221,7 @@ def voxel_averaged_field(chi_ppm, voxel_size, b0_dir, supersampling=2):
         fine = np.repeat(fine, supersampling, axis=axis)
     fine_voxel = [v / supersampling for v in voxel_size]
     with scipy.fft.set_workers(os.cpu_count() or 1):
-        field = DipoleOperator(fine.shape, fine_voxel, b0_dir, pad_factor=1.5).forward(fine)
+        field = DipoleOperator(fine.shape, fine_voxel, b0_dir, pad_factor=1.5, voxel_averaged=False).forward(fine)
     del fine
     n0, n1, n2 = chi_ppm.shape
     s = supersampling

@@ -45,7 +45,9 @@ def test_chimap_matches_the_simulated_truth(participant_run, bids_dataset, label
     """Subject 02 is tilted by 18 degrees: its B0 direction is known only from the affine."""
     output_dir, _ = participant_run
     scores = evaluate_subject(output_dir, bids_dataset, label)
-    assert scores['mask_coverage'] > 0.8
+    assert scores['brain_mask_coverage'] > 0.99
+    # At 3 mm, background removal's erosion by one voxel alone takes a fifth of the brain.
+    assert scores['mask_coverage'] > 0.75
     assert scores['chi_nrmse'] < 70
     sidecar = json.loads((output_dir / f'sub-{label}' / 'anat' / f'sub-{label}_Chimap.json').read_text())
     assert sidecar['B0DirectionSource'] == 'image affine'
@@ -60,7 +62,7 @@ def test_chi_separation_is_consistent_with_the_chimap(participant_run):
     def image(name):
         return np.asanyarray(nib.load(anat / f'sub-01_{name}.nii.gz').dataobj)
 
-    mask = image('desc-brain_mask') > 0
+    mask = image('desc-localfield_mask') > 0
     paramagnetic, diamagnetic = image('desc-paramagnetic_Chimap'), image('desc-diamagnetic_Chimap')
     assert paramagnetic.min() >= 0 and diamagnetic.min() >= 0
     difference = (paramagnetic - diamagnetic)[mask]

@@ -20,7 +20,10 @@ OUTPUTS = {
     'chimap': ('Chimap', 'ppm', 'magnetic susceptibility'),
     'r2starmap': ('R2starmap', '1/s', 'R2* from a mono-exponential fit'),
     't2starmap': ('T2starmap', 's', 'T2* = 1/R2*'),
-    'brain_mask': ('desc-brain_mask', 'arbitrary', 'brain mask on which the Chimap is valid'),
+    'brain_mask': ('desc-brain_mask', 'arbitrary', 'brain mask from the magnitude'),
+    'localfield_mask': ('desc-localfield_mask', 'arbitrary',
+                        'voxels where the local field and the Chimap are valid (the brain mask after '
+                        'background removal)'),
     'total_field': ('desc-total_fieldmap', 'ppm', 'total field from the multi-echo fit'),
     'local_field': ('desc-local_fieldmap', 'ppm', 'local field after background removal'),
     'field_noise': ('desc-noise_fieldmap', 'ppm', 'standard deviation of the total field, from the residual '
@@ -55,6 +58,7 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     r2starmap = File(exists=True, mandatory=True)
     t2starmap = File(exists=True, mandatory=True)
     brain_mask = File(exists=True, mandatory=True)
+    localfield_mask = File(exists=True, mandatory=True)
     total_field = File(exists=True, mandatory=True)
     local_field = File(exists=True, mandatory=True)
     field_noise = File(exists=True)
@@ -85,7 +89,7 @@ class DerivativesSink(SimpleInterface):
             target.parent.mkdir(parents=True, exist_ok=True)
             temporary = target.with_name('.' + target.name)
             save_like(np.asanyarray(image.dataobj), reference, temporary,
-                      np.uint8 if key == 'brain_mask' else np.float32)
+                      np.uint8 if key.endswith('_mask') else np.float32)
             sidecar = {'Units': units, 'Description': description, **self.inputs.metadata,
                        **self.inputs.parameters.get(key, {})}
             if key == 'chimap' and isdefined(self.inputs.chimap_parameters):

@@ -3,6 +3,7 @@
 Every output is written on the grid and affine of the input, uncompressed (gzip took longer
 than most stages at 1 mm). Thread counts reach the FFTs through ``scipy.fft.set_workers``.
 """
+import logging
 import os
 
 import nibabel as nib
@@ -15,6 +16,8 @@ from ..learned import LEARNED_INVERSION_METHODS
 from ..nifti import save_like
 from ..science import bgremove, chisep, echofit, inversion, masking, unwrap
 from ..science.physics import voxel_size_from_affine
+
+LOGGER = logging.getLogger('nipype.interface')
 
 
 def _load(path, dtype=np.float32):
@@ -121,6 +124,7 @@ class FitR2star(SimpleInterface):
 class _BrainMaskInputSpec(BaseInterfaceInputSpec):
     magnitude = File(exists=True, mandatory=True, desc='3-D or 4-D (echoes last) magnitude')
     user_mask = File(exists=True, desc='a mask given by the user, used as it is')
+    source = traits.Str(desc='the input file the magnitude came from, named in warnings')
 
 
 class _BrainMaskOutputSpec(TraitedSpec):
@@ -140,6 +144,9 @@ class BrainMask(SimpleInterface):
         else:
             combined = masking.combined_magnitude(magnitude) if magnitude.ndim == 4 else magnitude
             mask = masking.brain_mask(combined, voxel_size_from_affine(image.affine))
+            for reason in masking.implausibilities(mask, voxel_size_from_affine(image.affine)):
+                source = self.inputs.source if isdefined(self.inputs.source) else self.inputs.magnitude
+                LOGGER.warning('brain mask of %s: %s. Check it, or give your own with --mask.', source, reason)
         self._results['mask'] = _save(mask, reference, 'brain_mask.nii', np.uint8)
         return runtime
 

@@ -1,10 +1,15 @@
-"""Brain mask from multi-echo magnitude, robust to smooth intensity bias.
+"""Brain mask from multi-echo magnitude, robust to the noise floor and to smooth intensity bias.
 
-The magnitude is divided by a smooth version of itself (normalised convolution over a rough
-foreground), which flattens receive-coil bias; Otsu's threshold separates tissue from noise;
-an erosion with a ball of ``opening_mm`` cuts the thin bridges from brain to scalp through the
-dark skull, the largest component is kept, dilated back within the tissue and its holes are
-filled (in 3-D only: filling slice by slice would close the dark bone around the brain stem).
+The head is told from the background by the noise floor: Otsu's threshold on the logarithm of
+the magnitude, where the background's noise (whatever its level) and the tissue form two
+separate modes. Inside the head only, the magnitude is divided by a smooth version of itself
+(normalised convolution), which flattens receive-coil bias without letting the dark background
+pull the level down; Otsu's threshold on that separates tissue from the dark skull. An erosion
+with a ball of ``opening_mm`` cuts the thin bridges from brain to scalp through the skull, the
+largest component is kept and dilated back within the tissue; a closing with a ball of
+``closing_mm`` seals narrow openings of dark regions inside the brain (such as nuclei or
+ventricles that reach its surface), and the holes are filled (in 3-D only: filling slice by
+slice would close the dark bone around the brain stem).
 """
 import numpy as np
 import scipy.fft
@@ -13,6 +18,8 @@ from scipy import ndimage
 from .physics import DISTANCE_TOLERANCE_MM
 
 BIAS_SMOOTHING_MM = 20.0
+CLOSING_MM = 3.0
+DEEP_FILL_MM = 10.0
 # 'two-pass' also drops voxels whose phase is unreliable (echofit.reliable_field_mask) after the
 # field fit; 'magnitude' keeps the magnitude mask alone.
 MASKING_METHODS = ('two-pass', 'magnitude')
@@ -62,16 +69,40 @@ def gaussian_smoothed(volume, sigma_voxels, truncate=4.0):
     return np.ascontiguousarray(result)
 
 
-def bias_corrected(magnitude, voxel_size):
-    """Magnitude divided by its smooth local level over a rough foreground."""
+def head_foreground(magnitude, voxel_size):
+    """The head: voxels above the background's noise floor, holes filled, largest component.
+
+    Otsu's threshold on log magnitude (zeros left out, as in masked or cropped data) separates
+    the background's noise from tissue whatever the noise level, where on a linear scale a
+    bright noise floor and a strong bias blur the two. The magnitude is first averaged over
+    3 x 3 x 3 voxels: a Rician background spans a decade on a log scale, and averaging narrows
+    it so that its mode stays apart from the tissue's even at an SNR of 5.
+    """
     magnitude = np.asarray(magnitude, dtype=np.float32)
-    rough_foreground = magnitude > 0.1 * np.percentile(magnitude, 99)
+    positive = magnitude > 0
+    if not positive.any():
+        return positive
+    averaged = ndimage.uniform_filter(magnitude, size=3)
+    usable = positive & (averaged > 0)
+    floor = np.exp(otsu_threshold(np.log(averaged[usable])))
+    signal = usable & (averaged > floor)
+    # A closing of two voxels joins tissue across single noisy voxels at the edge of the head.
+    signal = ndimage.binary_closing(signal, iterations=2) | signal
+    return ndimage.binary_fill_holes(_largest_component(signal))
+
+
+def bias_corrected(magnitude, voxel_size, foreground=None):
+    """Magnitude divided by its smooth local level over ``foreground`` (the head by default); 0 outside."""
+    magnitude = np.asarray(magnitude, dtype=np.float32)
+    if foreground is None:
+        foreground = head_foreground(magnitude, voxel_size)
     sigma = [BIAS_SMOOTHING_MM / d for d in voxel_size]
-    level = gaussian_smoothed(magnitude * rough_foreground, sigma)
-    support = gaussian_smoothed(rough_foreground, sigma)
+    level = gaussian_smoothed(magnitude * foreground, sigma)
+    support = gaussian_smoothed(foreground, sigma)
     with np.errstate(divide='ignore', invalid='ignore'):
         level = np.where(support > 1e-3, level / support, 0.0)
-    return np.where(level > 0, magnitude / np.where(level > 0, level, 1.0), 0.0).astype(np.float32)
+    inside = foreground & (level > 0)
+    return np.where(inside, magnitude / np.where(inside, level, 1.0), 0.0).astype(np.float32)
 
 
 def eroded(mask, radius_mm, voxel_size):
@@ -108,22 +139,65 @@ def _largest_component(mask):
     return labels == (1 + int(np.argmax(sizes)))
 
 
-def brain_mask(magnitude, voxel_size, opening_mm=5.0, threshold=None):
+def brain_mask(magnitude, voxel_size, opening_mm=5.0, closing_mm=CLOSING_MM, threshold=None):
     """Boolean brain mask from a magnitude image (combine echoes before calling).
 
     ``threshold`` overrides Otsu's on the bias-corrected magnitude (which is near 1 in tissue).
     """
-    corrected = bias_corrected(magnitude, voxel_size)
+    head = head_foreground(magnitude, voxel_size)
+    corrected = bias_corrected(magnitude, voxel_size, head)
     if threshold is None:
-        threshold = otsu_threshold(corrected[corrected > 0])
+        # On a log scale the dark skull's small class and the brain's large one weigh alike: on
+        # a linear scale Otsu splits the brain itself, and under strong bias drops its dark core.
+        inside = corrected[head & (corrected > 0)]
+        threshold = np.exp(otsu_threshold(np.log(inside)))
     tissue = corrected > threshold
     core = eroded(tissue, opening_mm, voxel_size)
     if not core.any():
         core = tissue
     core = _largest_component(core)
-    mask = dilated(core, opening_mm, voxel_size) & tissue
-    mask = _largest_component(mask)
-    return ndimage.binary_fill_holes(mask)
+    mask = _largest_component(dilated(core, opening_mm, voxel_size) & tissue)
+    mask = ndimage.binary_fill_holes(closed(mask, closing_mm, voxel_size) & head)
+    # Dark regions deep inside the brain (iron-rich nuclei, ventricles of dark CSF) that reach its
+    # surface through a narrow channel are not holes: every voxel deeper than ``DEEP_FILL_MM``
+    # inside the brain's envelope (closed by that much) is brain.
+    envelope = ndimage.binary_fill_holes(closed(mask, DEEP_FILL_MM, voxel_size))
+    return ndimage.binary_fill_holes(mask | eroded(envelope, DEEP_FILL_MM, voxel_size))
+
+
+# An adult brain with the fluid around it holds about 1.1-1.8 litres; outside these bounds a
+# mask has most likely lost part of the brain or taken in the scalp or the neck.
+PLAUSIBLE_BRAIN_ML = (700.0, 2500.0)
+
+
+def implausibilities(mask, voxel_size):
+    """Reasons, in words, to doubt a brain mask: its volume and the faces of the grid it touches."""
+    mask = np.asarray(mask, dtype=bool)
+    volume_ml = mask.sum() * float(np.prod(voxel_size)) / 1000.0
+    reasons = []
+    low, high = PLAUSIBLE_BRAIN_ML
+    if volume_ml < low:
+        reasons.append(f'it holds {volume_ml:.0f} mL, less than the {low:.0f} mL of a whole adult brain '
+                       '(part of the brain lost, or a partial field of view)')
+    elif volume_ml > high:
+        reasons.append(f'it holds {volume_ml:.0f} mL, more than the {high:.0f} mL of an adult brain '
+                       '(scalp, face or neck taken in)')
+    faces = []
+    for axis in range(3):
+        for side, index in (('first', 0), ('last', -1)):
+            if np.take(mask, index, axis=axis).any():
+                faces.append(f'{side} slice of axis {axis}')
+    if faces:
+        reasons.append('it touches the edge of the volume (' + ', '.join(faces) + '): the field of view may '
+                       'cut the brain, and background removal is unreliable next to that edge')
+    return reasons
+
+
+def closed(mask, radius_mm, voxel_size):
+    """Morphological closing by a ball of ``radius_mm`` (dilation, then erosion)."""
+    if radius_mm <= 0:
+        return np.asarray(mask, dtype=bool)
+    return eroded(dilated(mask, radius_mm, voxel_size), radius_mm, voxel_size)
 
 
 def combined_magnitude(magnitude_echoes):

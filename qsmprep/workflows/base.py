@@ -53,8 +53,11 @@ def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inver
     else:
         # The harmonic part of the field that brain sources explain stays in the local field.
         background['BrainSourceWeight'] = bgremove.BRAIN_SOURCE_WEIGHT
-    mask_steps = 'user-supplied mask' if user_mask else 'bias-corrected magnitude, Otsu threshold, erosion, ' \
-        'largest component, holes filled'
+    brain_mask_steps = 'user-supplied mask' if user_mask else (
+        'head above the noise floor (Otsu on log magnitude), bias-corrected magnitude within it, Otsu '
+        'threshold on a log scale, 5 mm opening, largest component, 3 mm closing, holes filled, every voxel '
+        'deeper than 10 mm inside the 10 mm-closed envelope kept')
+    mask_steps = brain_mask_steps
     if masking == 'two-pass':
         mask_steps += '; second pass: voxels whose field is a phase wrap off their neighbours removed'
     if bgremove_method == 'vsharp':
@@ -64,7 +67,8 @@ def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inver
                    'Reference': 'mean over the brain mask'},
         'r2starmap': {'EstimationAlgorithm': 'magnitude^2-weighted log-linear mono-exponential fit'},
         't2starmap': {'EstimationAlgorithm': '1/R2* of the mono-exponential fit'},
-        'brain_mask': {'EstimationAlgorithm': mask_steps, 'Type': 'Brain'},
+        'brain_mask': {'EstimationAlgorithm': brain_mask_steps, 'Type': 'Brain'},
+        'localfield_mask': {'EstimationAlgorithm': mask_steps, 'Type': 'Brain'},
         'total_field': {'EstimationAlgorithm': ECHO_FIT_DESCRIPTIONS[echo_fit], **field_steps},
         'local_field': {'EstimationAlgorithm': bgremove_method, **field_steps, **background},
         'field_noise': {'EstimationAlgorithm': 'residual of the complex fit pooled over 3x3x3 voxels, propagated '

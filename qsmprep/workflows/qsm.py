@@ -25,7 +25,7 @@ def init_megre_wf(*, series, phase_sign=1, unwrap=DEFAULT_UNWRAP, user_mask=None
         name='outputnode')
     load_megre = pe.Node(LoadMEGRE(magnitude_files=series.magnitude_files, phase_files=series.phase_files,
                                    phase_range=series.phase_range, phase_sign=phase_sign), name='load_megre')
-    brain_mask = pe.Node(BrainMask(), name='brain_mask')
+    brain_mask = pe.Node(BrainMask(source=series.magnitude_files[0]), name='brain_mask')
     if user_mask:
         brain_mask.inputs.user_mask = user_mask
     fit_r2star = pe.Node(FitR2star(echo_times=series.echo_times_s), name='fit_r2star')
@@ -111,11 +111,12 @@ def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, un
                                      (mask_output, 'inputnode.mask'),
                                      ('outputnode.magnitude', 'inputnode.magnitude')]),
         (megre_wf, derivatives_sink, [('outputnode.r2star', 'r2starmap'), ('outputnode.t2star', 't2starmap'),
-                                      ('outputnode.total_field', 'total_field')]),
+                                      ('outputnode.total_field', 'total_field'),
+                                      ('outputnode.mask', 'brain_mask')]),
         (field_to_chi_wf, derivatives_sink, [('outputnode.chi', 'chimap'),
                                              ('outputnode.chi_parameters', 'chimap_parameters'),
                                              ('outputnode.local_field', 'local_field'),
-                                             ('outputnode.mask', 'brain_mask')]),
+                                             ('outputnode.mask', 'localfield_mask')]),
     ])
     if len(series.echo_times_s) >= echofit.COMPLEX_FIT_MIN_ECHOES:
         workflow.connect(megre_wf, 'outputnode.field_noise', derivatives_sink, 'field_noise')
