@@ -12,7 +12,7 @@ import pytest
 import scipy.fft
 from scipy import ndimage
 
-from qsmprep.science import bgremove, metrics
+from qsmprep.science import bgremove, masking, metrics
 
 NRMSE_LIMIT = 32.0
 
@@ -75,3 +75,15 @@ def test_valid_masks():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match='choose from'):
         bgremove.remove_background(np.zeros((4, 4, 4)), np.ones((4, 4, 4), bool), (1, 1, 1), (0, 0, 1), 'sharp')
+
+
+def test_vsharp_holds_on_a_magnitude_mask_that_reaches_the_skull(head):
+    # The magnitude mask takes in the fluid around the brain up to the skull (-2 ppm), whose
+    # steep field no discrete model follows to the local field's accuracy: with every voxel as
+    # data V-SHARP scored 83 % NRMSE here; with data from 4 mm deep, 35 % over 99.7 % of the brain.
+    mask = masking.brain_mask(masking.combined_magnitude(head.megre['magnitude']), head.voxel_size)
+    with scipy.fft.set_workers(2):
+        local_field, valid = bgremove.vsharp(head.megre['total_field'], mask, head.voxel_size, head.megre['b0_dir'])
+    region = valid & head.brain
+    assert region.sum() >= 0.97 * head.brain.sum()
+    assert metrics.nrmse(local_field, head.megre['local_field'], region) < 40

@@ -15,8 +15,9 @@ def _noisy(field, mask, relative_noise, seed=1):
 def test_tv_from_the_true_local_field_matches_the_true_susceptibility(head):
     chi, lam = inversion.tv_admm(head.megre['local_field'], head.brain, head.voxel_size, [0, 0, 1],
                                  magnitude=_magnitude(head))
-    assert metrics.nrmse(chi, head.chi, head.brain) < 26
-    assert metrics.xsim(chi, head.chi, head.brain) > 0.6
+    # 17.6 %; TV stopped 60 cold iterations short of its optimum scored 23 %.
+    assert metrics.nrmse(chi, head.chi, head.brain) < 20
+    assert metrics.xsim(chi, head.chi, head.brain) > 0.85
     assert lam == inversion.TV_TO_L2_WEIGHT * inversion.l2_gradient(
         head.megre['local_field'], head.brain, head.voxel_size, [0, 0, 1])[1]
 
@@ -42,7 +43,7 @@ def test_nonlinear_tv_matches_the_true_susceptibility(head):
                               magnitude=_magnitude(head), phase_scale_rad_per_ppm=scale)
     linear, _ = inversion.invert(field, head.brain, head.voxel_size, [0, 0, 1], method='tv',
                                  magnitude=_magnitude(head))
-    assert metrics.nrmse(chi, head.chi, head.brain) < 32
+    assert metrics.nrmse(chi, head.chi, head.brain) < 26
     assert abs(metrics.nrmse(chi, head.chi, head.brain) - metrics.nrmse(linear, head.chi, head.brain)) < 3
 
 
@@ -60,7 +61,9 @@ def test_oblique_b0_must_be_taken_from_the_affine(tilted_head):
     b0_dir = np.array([0, np.sin(np.deg2rad(18)), np.cos(np.deg2rad(18))])
     chi, _ = inversion.tv_admm(head.megre['local_field'], head.brain, head.voxel_size, b0_dir,
                                magnitude=_magnitude(head))
-    assert metrics.nrmse(chi, head.chi, head.brain) < 32
+    # 18.6 % with the voxel-averaged dipole kernel; the point-sampled one, discontinuous across
+    # the Nyquist frequency for an oblique B0, did markedly worse (physics.dipole_kernel).
+    assert metrics.nrmse(chi, head.chi, head.brain) < 21
     ignoring_b0, _ = inversion.tv_admm(head.megre['local_field'], head.brain, head.voxel_size, [0, 0, 1],
                                        magnitude=_magnitude(head))
     assert metrics.nrmse(ignoring_b0, head.chi, head.brain) > 40

@@ -62,7 +62,7 @@ def test_torch_operator_matches_the_numpy_dipole_operator_per_orientation():
     operator = lpcnn.TorchDipoleOperator(shape, [ANISOTROPIC_VOXEL], [OBLIQUE], pad_factor=1.5)
     fields = operator.forward(torch.from_numpy(chi)[None, None])[0].numpy()
     for field, b0_dir in zip(fields, OBLIQUE):
-        expected = DipoleOperator(shape, ANISOTROPIC_VOXEL, b0_dir, pad_factor=1.5).forward(chi)
+        expected = DipoleOperator(shape, ANISOTROPIC_VOXEL, b0_dir, pad_factor=1.5, voxel_averaged=False).forward(chi)
         assert np.allclose(field, expected, atol=1e-5 * np.abs(expected).max())
     # Swapping the B0 direction's axes changes the field: the comparison sees axis errors.
     swapped = DipoleOperator(shape, ANISOTROPIC_VOXEL, OBLIQUE[0][[1, 0, 2]], pad_factor=1.5).forward(chi)
@@ -88,11 +88,11 @@ def test_l2_starting_estimate_is_the_closed_form_l2_inversion():
     chi_true = np.where(mask, rng.standard_normal(shape), 0).astype(np.float32)
     operator = lpcnn.TorchDipoleOperator(shape, [ANISOTROPIC_VOXEL], [OBLIQUE], pad_factor=1.5)
     fields = operator.forward(torch.from_numpy(chi_true)[None, None]) * torch.from_numpy(mask.astype(np.float32))
-    # One orientation: the numpy L2 inversion with the same weight and padding.
+    # One orientation: the numpy L2 inversion with the same weight, padding and (point) kernel.
     one = lpcnn.TorchDipoleOperator(shape, [ANISOTROPIC_VOXEL], [OBLIQUE[:1]], pad_factor=1.5)
     chi_one = one.l2_solution(fields[:, :1], 0.01)[0, 0].numpy() * mask
     expected, _ = inversion.l2_gradient(fields[0, 0].numpy(), mask, ANISOTROPIC_VOXEL, OBLIQUE[0], lam=0.01,
-                                        pad_factor=1.5)
+                                        pad_factor=1.5, voxel_averaged=False)
     assert np.allclose(chi_one, expected, atol=1e-5 * np.abs(expected).max())
     # Two orientations constrain the cone that one leaves free: the estimate gets closer to the truth.
     chi_two = operator.l2_solution(fields, 0.01)[0, 0].numpy() * mask

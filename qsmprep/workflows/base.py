@@ -50,6 +50,7 @@ def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inver
     if bgremove_method == 'vsharp':
         background['BackgroundFieldRemovalRadiiMM'] = bgremove.default_radii_mm(series.voxel_size_mm)
         background['BackgroundFieldRemovalWeight'] = bgremove.VSHARP_WEIGHT
+        background['BackgroundFieldRemovalDataDepthMM'] = bgremove.VSHARP_DATA_DEPTH_MM
     else:
         # The harmonic part of the field that brain sources explain stays in the local field.
         background['BrainSourceWeight'] = bgremove.BRAIN_SOURCE_WEIGHT
