@@ -265,7 +265,7 @@ def main():
         'Metrics as CONVENTIONS.md defines them, both maps referenced to their mean over the mask;',
         'dNRMSE is the NRMSE after the best linear rescaling of the estimate (QSM challenge 2.0).',
         '`weight` is the regularisation weight each method chose by its own rule (relative to the',
-        'field scaled to unit RMS; GCV for L2, 0.4 times that for TV), the TKD threshold, or the training',
+        f'field scaled to unit RMS; GCV for L2, {inversion.TV_TO_L2_WEIGHT:g} times that for TV), the TKD threshold, or the training',
         'steps of the shipped LP-CNN. Seconds and peak memory (resident set of the child process, data',
         f'included) are for the inversion alone; LP-CNN ran on {args.device} ({_device_name(args.device)}).',
         '',

@@ -118,7 +118,9 @@ def _check_image(path, reference):
     image = nib.load(str(path))
     if image.ndim != 3:
         raise InputError(f'{path}: the image is {image.ndim}-D; qsmprep wants one 3-D file per echo and part.')
-    if reference is not None:
+    if reference is None:
+        _check_orthogonal_axes(path, image.affine)
+    else:
         if image.shape != reference.shape:
             raise InputError(f'{path}: shape {image.shape} differs from {reference.shape} of the first echo; '
                              f'all echoes and parts of a series must share one grid.')
@@ -130,6 +132,28 @@ def _check_image(path, reference):
         raise InputError(f'{path}: the image holds NaN or infinite values; replace them (e.g. with 0) '
                          f'before running qsmprep.')
     return image, data
+
+
+# Largest |cosine| between two voxel axes of an affine still taken as orthogonal: float32 headers
+# of oblique scans carry about 1e-7; 0.01 is a shear of 0.6 degrees.
+MAX_AXIS_COSINE = 0.01
+
+
+def _check_orthogonal_axes(path, affine):
+    """Refuse a sheared affine: the dipole physics needs orthogonal voxel axes.
+
+    A resampler that rescales only the diagonal of an oblique affine (as some simulators do)
+    leaves its axes sheared, so that both the voxel sizes and the B0 direction read from it are
+    wrong while the data look fine.
+    """
+    axes = np.asarray(affine, dtype=float)[:3, :3]
+    axes = axes / np.linalg.norm(axes, axis=0)
+    cosines = np.abs(axes.T @ axes - np.eye(3))
+    if cosines.max() > MAX_AXIS_COSINE:
+        angle = np.degrees(np.arcsin(min(float(cosines.max()), 1.0)))
+        raise InputError(f'{path}: the voxel axes of its affine are sheared by {angle:.1f} degrees, so its voxel '
+                         'sizes and B0 direction cannot be read from it; reslice the series to an orthogonal grid '
+                         '(or fix the header of the tool that wrote it).')
 
 
 def _b0_dir(path, metadata, affine):

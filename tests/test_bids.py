@@ -11,8 +11,11 @@ from qsmprep.interfaces.qsm import LoadMEGRE
 ECHO_TIMES = (0.005, 0.010, 0.015)
 
 
-def make_dataset(root, subjects=('01',), phase_units='rad', phase_values=None, extra=None, shape=(8, 8, 8)):
+def make_dataset(root, subjects=('01',), phase_units='rad', phase_values=None, extra=None, shape=(8, 8, 8),
+                 affine=None):
     """A BIDS dataset of tiny MEGRE series; ``extra`` adds keys to every sidecar."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine
+    root.mkdir(parents=True, exist_ok=True)
     (root / 'dataset_description.json').write_text(json.dumps({'Name': 't', 'BIDSVersion': '1.10.0'}))
     for subject in subjects:
         anat = root / f'sub-{subject}' / 'anat'
@@ -22,7 +25,7 @@ def make_dataset(root, subjects=('01',), phase_units='rad', phase_values=None, e
                 data = np.ones(shape, np.float32) if part == 'mag' else (
                     phase_values if phase_values is not None else np.zeros(shape, np.float32))
                 stem = anat / f'sub-{subject}_echo-{echo}_part-{part}_MEGRE'
-                nib.Nifti1Image(np.asarray(data, np.float32), np.diag([2.0, 2.0, 2.0, 1.0])).to_filename(
+                nib.Nifti1Image(np.asarray(data, np.float32), affine).to_filename(
                     f'{stem}.nii.gz')
                 sidecar = {'EchoTime': te, 'MagneticFieldStrength': 3.0, **(extra or {})}
                 if part == 'phase' and phase_units is not None:
@@ -77,6 +80,20 @@ def test_b0_dir_key_overrides_the_affine(tmp_path):
     series, _ = collect_megre_series(root, validate=False)
     assert series[0].b0_dir_source == 'sidecar key B0_dir'
     assert np.allclose(series[0].b0_dir, [0, 2 ** -0.5, 2 ** -0.5])
+
+
+def test_a_sheared_affine_is_refused_and_an_oblique_one_kept(tmp_path):
+    angle = np.deg2rad(18)
+    rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    oblique = np.eye(4)
+    oblique[:3, :3] = rotation @ np.diag([2.0, 2.0, 2.0])
+    series, errors = collect_megre_series(make_dataset(tmp_path / 'oblique', affine=oblique), validate=False)
+    assert not errors and np.isclose(series[0].b0_dir[2], np.cos(angle))
+    # Resampled to 1 x 1 x 3 mm by rescaling the diagonal only: the axes are no longer orthogonal.
+    sheared = oblique.copy()
+    sheared[[0, 1, 2], [0, 1, 2]] *= [0.5, 0.5, 1.5]
+    _, errors = collect_megre_series(make_dataset(tmp_path / 'sheared', affine=sheared), validate=False)
+    assert 'part-mag_MEGRE.nii.gz' in errors[0] and 'sheared' in errors[0]
 
 
 def test_nan_in_an_image_is_named(tmp_path):

@@ -195,14 +195,17 @@ class _WeightedTV:
         """v minimising the data term plus mu_data/2 |v - target|^2."""
         if self.phase_scale is None:
             return self.data_offset + self.data_gain * target
-        # Newton on w^2 (1 - cos(c (v - f))) / c^2 + mu/2 (v - target)^2, voxel by voxel.
+        # Newton on w^2 (1 - cos(c (v - f))) / c^2 + mu/2 (v - target)^2, voxel by voxel. Where the
+        # cosine is negative the term is concave and the curvature falls to mu: each step is kept
+        # within one radian of phase, or a small mu throws v across several wraps (in vivo and on a
+        # simulated head at 7 T and 40 ms the map diverged to over 1000 % NRMSE).
         c = self.phase_scale
         v = target.copy()
         for _ in range(NLTV_NEWTON_STEPS):
             residual = c * (v - self.field)
             slope = self.weight_squared * np.sin(residual) / c + mu_data * (v - target)
-            curvature = self.weight_squared * np.cos(residual) + mu_data
-            v -= slope / np.maximum(curvature, mu_data)
+            curvature = self.weight_squared * np.maximum(np.cos(residual), 0) + mu_data
+            v -= np.clip(slope / curvature, -1 / c, 1 / c)
         return v
 
     def warm_start(self, chi):
