@@ -265,8 +265,8 @@ def main():
         'Metrics as CONVENTIONS.md defines them, both maps referenced to their mean over the mask;',
         'dNRMSE is the NRMSE after the best linear rescaling of the estimate (QSM challenge 2.0).',
         '`weight` is the regularisation weight each method chose by its own rule (relative to the',
-        f'field scaled to unit RMS; GCV for L2, {inversion.TV_TO_L2_WEIGHT:g} times that for TV), the TKD threshold, or the training',
-        'steps of the shipped LP-CNN. Seconds and peak memory (resident set of the child process, data',
+        f'field scaled to unit RMS; GCV for L2, {inversion.TV_TO_L2_WEIGHT:g} times that for TV), the TKD threshold, '
+        'or the training steps of the shipped LP-CNN. Seconds and peak memory (resident set of the child process, data',
         f'included) are for the inversion alone; LP-CNN ran on {args.device} ({_device_name(args.device)}).',
         '',
         '## 2016 QSM challenge, in vivo, against the 12-orientation COSMOS',

@@ -110,8 +110,8 @@ class TorchDipoleOperator:
         b0_dirs = np.asarray(b0_dirs, dtype=float)
         b0_dirs = b0_dirs.reshape((voxel_sizes.shape[0], -1, 3))
         # The point-sampled kernel: the one the shipped networks were trained with.
-        kernels = [[dipole_kernel(self.fft_shape, voxel_size, b0_dir, voxel_averaged=False) for b0_dir in directions]
-                   for voxel_size, directions in zip(voxel_sizes, b0_dirs)]
+        kernels = [[dipole_kernel(self.fft_shape, voxel_size, b0_dir, voxel_averaged=False)
+                    for b0_dir in directions] for voxel_size, directions in zip(voxel_sizes, b0_dirs)]
         self.kernels = torch.from_numpy(np.asarray(kernels, dtype=np.float32)).to(device)
         gradient_spectra = [laplacian_spectrum(self.fft_shape, voxel_size)[np.newaxis] for voxel_size in voxel_sizes]
         self.gradient_spectra = torch.from_numpy(np.asarray(gradient_spectra, dtype=np.float32)).to(device)

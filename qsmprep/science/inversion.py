@@ -14,8 +14,9 @@
 Regularisation weights are never tuned on a benchmark; they are chosen per dataset without
 ground truth. L2's weight minimises generalised cross-validation (GCV), exact and nearly free
 because the L2 solution is diagonal in k-space. TV's weight is L2's GCV weight times
-``TV_TO_L2_WEIGHT``, a ratio fixed on simulated heads, and TV starts from that L2 solution. ``lam`` is relative to the field scaled
-to unit RMS inside the mask, so that a weight means the same at any field strength.
+``TV_TO_L2_WEIGHT``, a ratio fixed on simulated heads, and TV starts from that L2 solution.
+``lam`` is relative to the field scaled to unit RMS inside the mask, so that a weight means the
+same at any field strength.
 """
 import numpy as np
 import scipy.fft
@@ -259,8 +260,9 @@ def tv_admm(local_field_ppm, mask, voxel_size, b0_dir, magnitude=None, lam=None,
 
     The data weight is the magnitude scaled to mean 1 inside the mask (1 without magnitude)
     and 0 outside, so the field outside the mask is not data. ``lam=None`` takes
-    ``TV_TO_L2_WEIGHT`` times L2's GCV weight; ``warm_start`` starts ADMM from L2's GCV solution. ``phase_scale_rad_per_ppm`` (2 pi gamma B0 TE)
-    selects the nonlinear data term. Returns ``(chi, lam)``.
+    ``TV_TO_L2_WEIGHT`` times L2's GCV weight; ``warm_start`` starts ADMM from L2's GCV solution.
+    ``phase_scale_rad_per_ppm`` (2 pi gamma B0 TE) selects the nonlinear data term. Returns
+    ``(chi, lam)``.
     """
     mask = np.asarray(mask, dtype=bool)
     shape = mask.shape

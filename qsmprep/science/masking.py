@@ -1,15 +1,16 @@
 """Brain mask from multi-echo magnitude, robust to the noise floor and to smooth intensity bias.
 
 The head is told from the background by the noise floor: Otsu's threshold on the logarithm of
-the magnitude, where the background's noise (whatever its level) and the tissue form two
-separate modes. Inside the head only, the magnitude is divided by a smooth version of itself
-(normalised convolution), which flattens receive-coil bias without letting the dark background
-pull the level down; Otsu's threshold on that separates tissue from the dark skull. An erosion
-with a ball of ``opening_mm`` cuts the thin bridges from brain to scalp through the skull, the
-largest component is kept and dilated back within the tissue; a closing with a ball of
-``closing_mm`` seals narrow openings of dark regions inside the brain (such as nuclei or
-ventricles that reach its surface), and the holes are filled (in 3-D only: filling slice by
-slice would close the dark bone around the brain stem).
+the (locally averaged) magnitude, where the background's noise (whatever its level) and the
+tissue form two separate modes. Inside the head only, the magnitude is divided by a smooth
+version of itself (normalised convolution), which flattens receive-coil bias without letting
+the dark background pull the level down; Otsu's threshold on the log of that separates tissue
+from the dark skull. An erosion with a ball of ``opening_mm`` cuts the thin bridges from brain
+to scalp through the skull, the largest component is kept and dilated back within the tissue;
+a closing with a ball of ``closing_mm`` seals narrow openings of dark regions inside the brain,
+the holes are filled (in 3-D only: filling slice by slice would close the dark bone around the
+brain stem), and every voxel deeper than ``DEEP_FILL_MM`` inside the brain's envelope is kept,
+so that dark nuclei and ventricles open to the surface through a wide channel stay in.
 """
 import numpy as np
 import scipy.fft
