@@ -65,7 +65,7 @@ def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inver
         mask_steps += '; eroded by V-SHARP'
     parameters = {
         'chimap': {'EstimationAlgorithm': inversion_name, **inversion_parameters, **field_steps, **background,
-                   'Reference': 'mean over the brain mask'},
+                   'Reference': 'mean over desc-localfield_mask (where the Chimap is valid)'},
         'r2starmap': {'EstimationAlgorithm': 'magnitude^2-weighted log-linear mono-exponential fit'},
         't2starmap': {'EstimationAlgorithm': '1/R2* of the mono-exponential fit'},
         'brain_mask': {'EstimationAlgorithm': brain_mask_steps, 'Type': 'Brain'},
