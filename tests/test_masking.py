@@ -41,7 +41,7 @@ def test_head_foreground_separates_a_bright_noise_floor_from_the_head():
     tissue = np.where(head, 1.0, 0.0)
     noise = 0.2 * (rng.standard_normal(shape) + 1j * rng.standard_normal(shape))
     magnitude = np.abs(tissue + noise).astype(np.float32)
-    foreground = masking.head_foreground(magnitude, (1.0, 1.0, 1.0))
+    foreground = masking.head_foreground(magnitude)
     assert foreground[head].mean() > 0.995
     # The 3-voxel average may blur the edge by one voxel, no more.
     assert not (foreground & ~ndimage.binary_dilation(head)).any()

@@ -215,8 +215,11 @@ class _WeightedTV:
         self.z = periodic_gradient(self.chi, self.voxel_size)
         self.v = self._irfft(scipy.fft.rfftn(self.chi) * self.kernel)
 
-    def run(self, lam, iterations, tolerance=0.0, mu_data=1.0, mu_ratio=100.0):
+    def run(self, lam, iterations, tolerance, mu_data, mu_ratio):
         """ADMM iterations at weight ``lam``; stops early when chi changes by less than ``tolerance``.
+
+        The penalties are ``mu_data`` on the data split and ``mu_ratio * lam * mu_data`` on the
+        gradient split.
 
         The updates are arranged to touch each volume as few times as possible (numpy's
         elementwise operations, not the FFTs, dominate the cost): the chi step's two k-space

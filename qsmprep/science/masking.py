@@ -70,7 +70,7 @@ def gaussian_smoothed(volume, sigma_voxels, truncate=4.0):
     return np.ascontiguousarray(result)
 
 
-def head_foreground(magnitude, voxel_size):
+def head_foreground(magnitude):
     """The head: voxels above the background's noise floor, holes filled, largest component.
 
     Otsu's threshold on log magnitude (zeros left out, as in masked or cropped data) separates
@@ -96,7 +96,7 @@ def bias_corrected(magnitude, voxel_size, foreground=None):
     """Magnitude divided by its smooth local level over ``foreground`` (the head by default); 0 outside."""
     magnitude = np.asarray(magnitude, dtype=np.float32)
     if foreground is None:
-        foreground = head_foreground(magnitude, voxel_size)
+        foreground = head_foreground(magnitude)
     sigma = [BIAS_SMOOTHING_MM / d for d in voxel_size]
     level = gaussian_smoothed(magnitude * foreground, sigma)
     support = gaussian_smoothed(foreground, sigma)
@@ -145,7 +145,7 @@ def brain_mask(magnitude, voxel_size, opening_mm=5.0, closing_mm=CLOSING_MM, thr
 
     ``threshold`` overrides Otsu's on the bias-corrected magnitude (which is near 1 in tissue).
     """
-    head = head_foreground(magnitude, voxel_size)
+    head = head_foreground(magnitude)
     corrected = bias_corrected(magnitude, voxel_size, head)
     if threshold is None:
         # On a log scale the dark skull's small class and the brain's large one weigh alike: on
