@@ -88,3 +88,15 @@ def test_referencing_makes_the_mask_mean_zero():
     mask[2:6, 2:6, 2:6] = True
     referenced = inversion.reference_to_mask_mean(chi, mask)
     assert abs(referenced[mask].mean()) < 1e-6 and np.all(referenced[~mask] == 0)
+
+
+def test_periodic_gradient_is_the_wrapped_forward_difference_and_its_adjoint_is_exact():
+    rng = np.random.default_rng(4)
+    voxel_size = (1.0, 1.2, 0.9)
+    x = rng.normal(size=(7, 6, 5)).astype(np.float32)
+    y = rng.normal(size=(3, 7, 6, 5)).astype(np.float32)
+    gradient = inversion.periodic_gradient(x, voxel_size)
+    for axis, d in enumerate(voxel_size):
+        assert np.allclose(gradient[axis], (np.roll(x, -1, axis=axis) - x) / d, atol=1e-6)
+    assert np.isclose(np.vdot(gradient, y), np.vdot(x, inversion.periodic_gradient_adjoint(y, voxel_size)),
+                      rtol=1e-5)

@@ -78,3 +78,23 @@ def test_implausible_masks_are_named_and_a_whole_brain_is_not(head):
     reasons = masking.implausibilities(small, voxel_size)
     assert len(reasons) == 2 and 'less than' in reasons[0] and 'first slice of axis 2' in reasons[1]
     assert 'more than' in masking.implausibilities(head.phantom['head_mask'] | head.brain, (3.0, 3.0, 3.0))[0]
+
+
+def test_masked_median_ignores_outside_voxels_and_is_the_same_in_slabs():
+    rng = np.random.default_rng(3)
+    volume = rng.normal(size=(23, 9, 8)).astype(np.float32)
+    mask = rng.random(volume.shape) > 0.3
+    mask[9:14, 2:7, 2:7] = True  # one voxel's whole neighbourhood inside
+    volume[~mask] = 1e6  # would win every median if outside voxels voted
+    median = masking.masked_median(volume, mask, size=5)
+    assert np.abs(median).max() < 10 and not median[~mask].any()
+    assert median[11, 4, 4] == np.median(volume[9:14, 2:7, 2:7])
+    for threads in (2, 3):
+        assert np.array_equal(masking.masked_median(volume, mask, size=5, threads=threads), median)
+
+
+def test_filled_holes_matches_ndimage_when_the_mask_touches_the_edge():
+    rng = np.random.default_rng(5)
+    mask = rng.random((20, 18, 16)) > 0.35
+    mask[0] = True  # background regions open only towards the image's edge are not holes
+    assert np.array_equal(masking.filled_holes(mask), ndimage.binary_fill_holes(mask))

@@ -328,7 +328,7 @@ def wrap_period_ppm(echo_times, field_strength_t):
 
 
 def reliable_field_mask(field_ppm, phase_offset, mask, voxel_size, echo_times, field_strength_t,
-                        smoothing_mm=4.0):
+                        smoothing_mm=4.0, threads=1):
     """``mask`` without the voxels that took a wrong 2 pi in unwrapping, and their neighbours.
 
     A wrong 2 pi in the echo spacing shifts the fitted field by a wrap period and the fitted
@@ -337,7 +337,7 @@ def reliable_field_mask(field_ppm, phase_offset, mask, voxel_size, echo_times, f
     its phase offset is more than pi / 3 off the local average of the offset (a Gaussian of
     ``smoothing_mm`` over the mask), a test that still holds at the edge of the mask where few
     neighbours vote. A background removal that averages over spheres would otherwise smear
-    their error over the brain.
+    their error over the brain. ``threads`` compute the median side by side.
     """
     mask = np.asarray(mask, dtype=bool)
     reliable = np.zeros(mask.shape, dtype=bool)
@@ -350,7 +350,7 @@ def reliable_field_mask(field_ppm, phase_offset, mask, voxel_size, echo_times, f
     box = bounding_box(mask, margin=[int(4.0 * s + 0.5) + 1 for s in sigma])
     inside = mask[box]
     field_ppm = np.asarray(field_ppm, dtype=np.float32)[box]
-    field_deviation = np.abs(field_ppm - masked_median(field_ppm, inside, size=5))
+    field_deviation = np.abs(field_ppm - masked_median(field_ppm, inside, size=5, threads=threads))
     outliers = field_deviation > wrap_period_ppm(echo_times, field_strength_t) / 2
     unit_offset = np.where(inside, np.exp(1j * np.asarray(phase_offset, dtype=np.float32)[box]), 0)
     local_offset = (ndimage.gaussian_filter(unit_offset.real, sigma)

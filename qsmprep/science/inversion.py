@@ -150,11 +150,25 @@ def l2_gradient(local_field_ppm, mask, voxel_size, b0_dir, lam=None, lambdas=L2_
     return np.where(mask, chi, 0).astype(np.float32), lam
 
 
+def _axis_slices(axis, first, second):
+    """Index tuples selecting ``first`` and ``second`` (slices) along ``axis`` of a 3-D array."""
+    def along(part):
+        index = [slice(None)] * 3
+        index[axis] = part
+        return tuple(index)
+    return along(first), along(second)
+
+
 def periodic_gradient(volume, voxel_size):
     """Forward differences with periodic boundaries, stacked on a new first axis (float32)."""
+    volume = np.asarray(volume, dtype=np.float32)
     gradient = np.empty((3,) + volume.shape, dtype=np.float32)
     for axis, d in enumerate(voxel_size):
-        np.subtract(np.roll(volume, -1, axis=axis), volume, out=gradient[axis])
+        # Written into the output slice by slice: np.roll would copy the volume first.
+        body, body_next = _axis_slices(axis, slice(0, -1), slice(1, None))
+        last, first = _axis_slices(axis, slice(-1, None), slice(0, 1))
+        np.subtract(volume[body_next], volume[body], out=gradient[axis][body])
+        np.subtract(volume[first], volume[last], out=gradient[axis][last])
         gradient[axis] *= np.float32(1 / d)
     return gradient
 
@@ -162,8 +176,15 @@ def periodic_gradient(volume, voxel_size):
 def periodic_gradient_adjoint(gradients, voxel_size):
     """Adjoint of ``periodic_gradient`` (minus the divergence)."""
     total = np.zeros(gradients.shape[1:], dtype=np.float32)
+    difference = np.empty_like(total)
     for axis, d in enumerate(voxel_size):
-        total += (np.roll(gradients[axis], 1, axis=axis) - gradients[axis]) * np.float32(1 / d)
+        component = gradients[axis]
+        body, body_previous = _axis_slices(axis, slice(1, None), slice(0, -1))
+        first, last = _axis_slices(axis, slice(0, 1), slice(-1, None))
+        np.subtract(component[body_previous], component[body], out=difference[body])
+        np.subtract(component[last], component[first], out=difference[first])
+        difference *= np.float32(1 / d)
+        total += difference
     return total
 
 
@@ -190,7 +211,7 @@ class _WeightedTV:
         self.t = np.zeros_like(field)
 
     def _irfft(self, spectrum):
-        return scipy.fft.irfftn(spectrum, s=self.fft_shape).astype(np.float32)
+        return scipy.fft.irfftn(spectrum, s=self.fft_shape).astype(np.float32, copy=False)
 
     def _data_step(self, target, mu_data):
         """v minimising the data term plus mu_data/2 |v - target|^2."""

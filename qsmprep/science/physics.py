@@ -83,13 +83,28 @@ def dipole_kernel(shape, voxel_size, b0_dir, real=True, voxel_averaged=True):
     for k, d in zip(frequencies, voxel_size):
         alias = k - np.sign(k) / np.float32(d)
         candidates.append([(k, np.sinc(k * d) ** 2), (alias, np.where(k == 0, 0, np.sinc(alias * d) ** 2))])
-    kernel = np.zeros(np.broadcast_shapes(*(k.shape for k in frequencies)), dtype=np.float32)
-    total_weight = np.zeros_like(kernel)
+    # kernel = 1/3 - sum_c w_c (k_c.h)^2 / |k_c|^2 / sum_c w_c; the weights are products of one
+    # factor per axis, so their sum is too. Accumulated in place: the grid can hold 10^8 entries.
+    shape = np.broadcast_shapes(*(k.shape for k in frequencies))
+    ratio_sum = np.zeros(shape, dtype=np.float32)
+    k_dot_h, k_squared = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
+    h = [np.float32(component) for component in b0_dir]
     for (k0, w0), (k1, w1), (k2, w2) in itertools.product(*candidates):
-        weight = (w0 * w1 * w2).astype(np.float32)
-        kernel += weight * _point_dipole_kernel((k0, k1, k2), b0_dir)
-        total_weight += weight
-    kernel /= total_weight
+        np.add(k0 * h[0], k1 * h[1], out=k_dot_h)
+        k_dot_h += k2 * h[2]
+        np.add(k0 ** 2, k1 ** 2, out=k_squared)
+        k_squared += k2 ** 2
+        k_squared[k_squared == 0] = np.inf  # only k = 0, set below
+        np.square(k_dot_h, out=k_dot_h)
+        k_dot_h /= k_squared
+        k_dot_h *= (w0 * w1).astype(np.float32)
+        k_dot_h *= w2.astype(np.float32)
+        ratio_sum += k_dot_h
+    total_weight = 1
+    for (_, weight), (_, alias_weight) in candidates:
+        total_weight = total_weight * (weight + alias_weight).astype(np.float32)
+    ratio_sum /= total_weight
+    kernel = np.subtract(np.float32(1.0 / 3.0), ratio_sum, out=ratio_sum)
     kernel[0, 0, 0] = 0.0
     return kernel
 
