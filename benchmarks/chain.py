@@ -6,8 +6,6 @@ same order with the same defaults, and the end-to-end benchmark runs the real co
 """
 import time
 
-import numpy as np
-
 from qsmprep.science import bgremove, echofit, inversion, masking, unwrap
 
 

@@ -49,7 +49,7 @@ def l2_study(field, mask, voxel_size, b0_dir, reference):
     spectrum = scipy.fft.rfftn(np.where(mask, field, 0) / scale, s=fft_shape)
     kernel = inversion.dipole_kernel(fft_shape, voxel_size, b0_dir)
     gradient_spectrum = inversion.laplacian_spectrum(fft_shape, voxel_size)
-    norm_weights = inversion._rfft_norm_weights(fft_shape)
+    norm_weights = inversion.rfft_norm_weights(fft_shape)
     power = (np.abs(spectrum) ** 2 * norm_weights).astype(np.float32)
     counts = (norm_weights * np.prod(fft_shape)).astype(np.float32)
     rows = []

@@ -39,7 +39,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 mkdir -p "$out/model"
 cp qsmprep/learned/models/lpcnn/checkpoint.pt qsmprep/learned/models/lpcnn/training_log.jsonl "$out/model/"
 # SIGTERM at the time limit ends training after the current step with checkpoint and card written.
-timeout --signal=TERM "${minutes}m" python3 -m qsmprep.learned.train lpcnn --out "$out/model" \
+timeout --signal=TERM "${minutes}m" python3 -m qsmprep.cli.train lpcnn --out "$out/model" \
     --resume "$out/model/checkpoint.pt" --steps 10000000 --device cuda --checkpoint-every 200 --log-every 20 \
     "$@" || [ $? -eq 124 ]
 

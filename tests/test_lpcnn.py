@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from qsmprep.cli.train import main
 from qsmprep.learned import lpcnn, simulate
 from qsmprep.learned.models import load_model
-from qsmprep.learned.train import main
 from qsmprep.science import inversion, metrics
 from qsmprep.science.physics import DipoleOperator
 

@@ -16,7 +16,7 @@ def _path_exists(value):
     return path
 
 
-def _positive_int(value):
+def positive_int(value):
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f'{value} must be 1 or more')
@@ -73,9 +73,9 @@ def build_parser():
     resources.add_argument('-w', '--work-dir', type=lambda p: Path(p).expanduser().absolute(),
                            default=Path('work').absolute(),
                            help='intermediate results; a rerun with the same one resumes (default: ./work)')
-    resources.add_argument('--nprocs', '--n-cpus', type=_positive_int, default=os.cpu_count() or 1,
+    resources.add_argument('--nprocs', '--n-cpus', type=positive_int, default=os.cpu_count() or 1,
                            help='processes run in parallel')
-    resources.add_argument('--omp-nthreads', type=_positive_int, default=None,
+    resources.add_argument('--omp-nthreads', type=positive_int, default=None,
                            help='threads of one process (default: --nprocs)')
     resources.add_argument('--resource-monitor', action='store_true',
                            help="record each step's peak memory in the work directory (slows the run: "

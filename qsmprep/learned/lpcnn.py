@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qsmprep.science.inversion import CROP_MARGIN_VOXELS, L2_LAMBDAS, _rfft_norm_weights, laplacian_spectrum
+from qsmprep.science.inversion import CROP_MARGIN_VOXELS, L2_LAMBDAS, rfft_norm_weights, laplacian_spectrum
 from qsmprep.science.masking import bounding_box
 from qsmprep.science.physics import dipole_kernel, padded_shape
 
@@ -148,7 +148,7 @@ class TorchDipoleOperator:
         spectra = torch.fft.rfftn(fields, s=self.fft_shape, dim=FFT_DIMS)
         power = spectra.abs().square()
         # Parseval: the full-spectrum entries that each rfft entry stands for (1 or 2).
-        counts = torch.from_numpy((_rfft_norm_weights(self.fft_shape) * np.prod(self.fft_shape)).astype(np.float32))
+        counts = torch.from_numpy((rfft_norm_weights(self.fft_shape) * np.prod(self.fft_shape)).astype(np.float32))
         counts = counts.to(fields.device)
         kernel_power = self.kernels ** 2
         scores = []

@@ -1,5 +1,7 @@
 """``qsmprep-train lpcnn``: train LP-CNN on samples simulated on the fly.
 
+(The command line itself is ``qsmprep.cli.train``; this text is its help.)
+
     qsmprep-train lpcnn --out DIR [--steps N] [--patch-size P] [--batch-size B] [--seed S]
                         [--device auto|cpu|cuda] [--resume DIR/checkpoint.pt] ...
 
@@ -30,7 +32,6 @@ recipe holds the last run's.
 SIGTERM or SIGINT (a batch scheduler's time limit, Ctrl-C) ends the run after the current step
 with the checkpoint, weights and card written, so it can be resumed or shipped as it is.
 """
-import argparse
 import dataclasses
 import datetime
 import json
@@ -45,11 +46,9 @@ import numpy as np
 import torch
 
 from qsmprep import __version__
-from qsmprep.cli.parser import _positive_int
 from qsmprep.science import inversion, metrics
 
-from .lpcnn import (INITIAL_ESTIMATES, INITIAL_L2_WEIGHT, LPCNN, NETWORK_UNITS_PER_PPM, PRECISIONS,
-                    default_device, lpcnn_invert, uses_bfloat16)
+from .lpcnn import INITIAL_L2_WEIGHT, LPCNN, NETWORK_UNITS_PER_PPM, default_device, lpcnn_invert, uses_bfloat16
 from .models import CARD_NAME, CHECKPOINT_NAME, WEIGHTS_NAME, sha256_of
 from .simulate import (GENERATOR_VERSION, HEAD_DISTURBANCE_FRACTION, VALIDATION_STREAM, SimulationConfig,
                        simulate_batch, simulate_head)
@@ -70,124 +69,6 @@ SIMULATION_ARGUMENTS = {'voxel_size_range': 'voxel_size_range_mm', 'max_orientat
 # Simulation settings added after checkpoints were written, with the value that draws what those
 # checkpoints were trained on.
 SIMULATION_ARGUMENTS_BEFORE_THEY_EXISTED = {'anisotropy_max_ppm': 0.0}
-
-
-def _fraction(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f'{text} is not between 0 and 1')
-    return value
-
-
-def _worker_count(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'{text} is negative')
-    return value
-
-
-def _default_workers():
-    # The cores this process may use (a batch scheduler's share); sched_getaffinity is Linux only.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return max(cores - 1, 0)
-
-
-def _build_parser():
-    parser = argparse.ArgumentParser(prog='qsmprep-train', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    models = parser.add_subparsers(dest='command', required=True, metavar='MODEL')
-    lpcnn = models.add_parser('lpcnn', help='learned proximal CNN (Lai et al. 2020)',
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run = lpcnn.add_argument_group('run')
-    run.add_argument('--out', type=Path, required=True, help='folder for checkpoint, weights, card and log')
-    run.add_argument('--steps', type=_positive_int, default=20000, help='total optimisation steps')
-    run.add_argument('--resume', type=Path, help='checkpoint.pt to continue from')
-    run.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
-                     help='auto: the GPU when torch sees one, else the CPU')
-    # A 96^3 batch of 4 takes about 9 s to simulate on one core, many times the GPU's step: on a
-    # GPU the simulation sets the pace unless workers simulate the coming batches meanwhile.
-    run.add_argument('--workers', type=_worker_count, default=_default_workers(),
-                     help='processes simulating the coming batches while the model trains (0: the training '
-                          'process simulates each batch itself); default: one per CPU core but one')
-    run.add_argument('--precision', choices=PRECISIONS, default='auto',
-                     help="arithmetic of the proximal CNN's training steps; auto: bfloat16 on a CPU with "
-                          'bfloat16 instructions, else float32 (validation is always float32)')
-    run.add_argument('--checkpoint-every', type=_positive_int, default=500, help='steps between checkpoints')
-    run.add_argument('--log-every', type=_positive_int, default=50, help='steps between log lines')
-
-    model = lpcnn.add_argument_group('model')
-    model.add_argument('--iterations', type=_positive_int, default=3, help='unrolled gradient steps')
-    # The paper's 32 channels take about 145 s for three proximal steps on a 160^3 volume on two
-    # CPU cores; 16 channels take 64 s (and train four times faster), so 16 is the default.
-    model.add_argument('--channels', type=_positive_int, default=16, help='channels of the proximal CNN')
-    model.add_argument('--blocks', type=_positive_int, default=8, help='residual blocks of the proximal CNN')
-    model.add_argument('--separate-networks', action='store_true',
-                       help='one proximal CNN per iteration instead of one shared by all')
-    model.add_argument('--initial-step-size', type=float, default=2.0, help='initial value of the learned step size')
-    model.add_argument('--pad-factor', type=float, default=1.5, help="zero padding of the model's dipole FFT grid")
-    # No argparse default: a resumed run keeps its checkpoint's start unless given.
-    model.add_argument('--initial-estimate', choices=INITIAL_ESTIMATES,
-                       help='starting estimate: the closed-form L2 solution of all orientations with a learned '
-                            'weight (l2) or the weight GCV picks for each sample (l2_gcv), or 0 (the paper); '
-                            f'default: a fresh run {DEFAULT_INITIAL_ESTIMATE}, a resumed run its checkpoint\'s')
-    model.add_argument('--initial-l2-weight', type=float, default=INITIAL_L2_WEIGHT,
-                       help="initial value of the L2 starting estimate's learned gradient-penalty weight")
-
-    optimisation = lpcnn.add_argument_group('optimisation')
-    optimisation.add_argument('--batch-size', type=_positive_int, default=4, help='patches per step')
-    # The model trained on 32^3 shrank a whole simulated head's susceptibility by a factor 1.31
-    # (least-squares scale to the truth); resumed on 64^3 for 1678 steps, by 1.24. Most of the
-    # shrinkage came from too strong a residual background (see SimulationConfig), not the size.
-    optimisation.add_argument('--patch-size', type=_positive_int, default=64, help='patch edge in voxels')
-    optimisation.add_argument('--learning-rate', type=float, default=1e-4, help='Adam learning rate')
-    # Without clipping, a batch with a strong calcification or vein (errors of several ppm) took
-    # a CPU run at learning rate 5e-4 from 66 back to 73 % validation NRMSE within 100 steps.
-    optimisation.add_argument('--gradient-clip', type=float, default=1.0,
-                              help='largest gradient norm of a step (0: no clipping)')
-    optimisation.add_argument('--loss', choices=('mse', 'l1'), default='mse',
-                              help='error inside the mask between estimate and truth')
-    optimisation.add_argument('--seed', type=int, default=0, help='seeds the initial weights and the data')
-    optimisation.add_argument('--validation-patches', type=_positive_int, default=16,
-                              help='held-out simulated patches scored at each checkpoint')
-    optimisation.add_argument('--validation-patch-size', type=_positive_int, default=48,
-                              help='edge in voxels of the held-out patches')
-    # At 1.5 mm a head is about 110^3 voxels: 11 s to simulate once (9 s of it the phantom, which
-    # a head's undisturbed twin shares), 10-20 s of CPU per checkpoint.
-    optimisation.add_argument('--validation-head-voxel-size', type=float, default=1.5,
-                              help='voxel size in mm of the whole simulated brains scored at each checkpoint '
-                                   '(0: none)')
-    # One head alone is too noisy to choose a model by: while the held-out patches improved
-    # steadily (the shipped model's fine-tuning from 7300 to 8357 steps), one head scored 53.0,
-    # 51.6, 52.7, 53.3, 52.1 and 52.8 % NRMSE at successive checkpoints.
-    optimisation.add_argument('--validation-heads', type=_positive_int, default=3,
-                              help='whole simulated brains (seeds SEED, SEED+1, ...) scored at each checkpoint, '
-                                   'each without and with noise, residual background and anisotropy')
-
-    # No argparse defaults here: a resumed run keeps its checkpoint's settings unless given.
-    simulation = lpcnn.add_argument_group('simulation (defaults: a fresh run, SimulationConfig; a resumed '
-                                          "run, its checkpoint's)")
-    defaults = SimulationConfig()
-    simulation.add_argument('--voxel-size-range', type=float, nargs=2, metavar=('MIN', 'MAX'),
-                            help=f'voxel size range in mm, drawn per axis (default: {defaults.voxel_size_range_mm})')
-    simulation.add_argument('--max-orientations', type=_positive_int,
-                            help=f'most head orientations of a sample (default: {defaults.max_orientations})')
-    simulation.add_argument('--max-tilt-deg', type=float,
-                            help='largest angle between the first and any other B0 direction '
-                                 f'(default: {defaults.max_tilt_deg})')
-    simulation.add_argument('--noise-max-ppm', type=float,
-                            help=f'largest standard deviation of the white field noise (default: {defaults.noise_max_ppm})')
-    simulation.add_argument('--background-max-ppm', type=float,
-                            help=f'largest RMS of the residual background field (default: {defaults.background_max_ppm})')
-    simulation.add_argument('--anisotropy-max-ppm', type=float,
-                            help='largest white matter susceptibility anisotropy, chi_parallel - chi_perpendicular '
-                                 f'(default: {defaults.anisotropy_max_ppm})')
-    simulation.add_argument('--brain-fraction', type=_fraction,
-                            help=f'fraction of brain-like patches, the rest random shapes (default: {defaults.brain_fraction})')
-    simulation.add_argument('--supersampling', type=_positive_int,
-                            help=f'fine grid factor of the simulated field (default: {defaults.supersampling})')
-    simulation.add_argument('--simulation-pad-factor', type=float,
-                            help=f"zero padding of the simulator's dipole FFT grid (default: {defaults.pad_factor})")
-    return parser
 
 
 def default_simulation_settings():
@@ -548,19 +429,3 @@ def train_lpcnn(args):
                          for (seed, disturbed, head), score, tv_score in zip(heads, scores['heads'], tv_scores)]}
     (out / CARD_NAME).write_text(json.dumps(card, indent=2) + '\n')
     return card
-
-
-def main(argv=None):
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    if args.resume is not None and not Path(args.resume).is_file():
-        parser.error(f'--resume {args.resume}: no such checkpoint file; give the checkpoint.pt of a run '
-                     '(the shipped one is qsmprep/learned/models/lpcnn/checkpoint.pt)')
-    card = train_lpcnn(args)
-    print(f'qsmprep-train: {card["steps"]} steps, validation NRMSE {card["validation"]["nrmse_percent"]:.1f} %, '
-          f'model card {args.out / CARD_NAME}')
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

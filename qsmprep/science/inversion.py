@@ -96,7 +96,7 @@ def laplacian_spectrum(fft_shape, voxel_size):
     return total
 
 
-def _rfft_norm_weights(fft_shape):
+def rfft_norm_weights(fft_shape):
     """Weights that turn sums of |rfft|^2 into sums over the full spectrum (Parseval)."""
     n = fft_shape[-1]
     weights = np.full(n // 2 + 1, 2.0, dtype=np.float32)
@@ -113,7 +113,7 @@ def _l2_gcv_weight(spectrum, kernel, gradient_spectrum, fft_shape, lambdas):
     lambda |G|^2), so GCV(lambda) = ||residual||^2 / trace(I - influence)^2 costs one pass
     over the spectrum per weight: the weight that best predicts left-out data.
     """
-    norm_weights = _rfft_norm_weights(fft_shape)
+    norm_weights = rfft_norm_weights(fft_shape)
     power = (np.abs(spectrum) ** 2 * norm_weights).astype(np.float32)
     counts = (norm_weights * np.prod(fft_shape)).astype(np.float32)  # full-spectrum entries each stands for
     kernel_squared = kernel ** 2

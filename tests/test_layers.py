@@ -1,0 +1,85 @@
+"""The package's layers (CONTRIBUTING.md): each imports only from the layers below it.
+
+science (arrays in, arrays out) < learned (torch models on science's physics) < nifti, bids
+(files) < interfaces (Nipype nodes) < workflows < cli. No module imports another module's
+private names.
+"""
+import ast
+from pathlib import Path
+
+import qsmprep
+
+PACKAGE = Path(qsmprep.__file__).parent
+# What each layer may import from the package (its own layer included); the package root only
+# holds the version.
+ALLOWED = {
+    'science': {'science'},
+    'learned': {'science', 'learned'},
+    'nifti': {'nifti'},
+    'bids': {'science', 'nifti', 'bids'},
+    'interfaces': {'science', 'learned', 'nifti', 'interfaces'},
+    'workflows': {'science', 'learned', 'nifti', 'bids', 'interfaces', 'workflows'},
+    'cli': {'science', 'learned', 'nifti', 'bids', 'interfaces', 'workflows', 'cli'},
+}
+# Third-party frameworks that belong to one layer and above.
+FRAMEWORKS = {'nipype': {'interfaces', 'workflows', 'cli'}}
+
+
+def _imports(path, package):
+    """(imported module as a dotted name, imported names, line) per import statement of ``path``."""
+    package_parts = ('qsmprep',) + path.relative_to(package).with_suffix('').parts
+    if path.name == '__init__.py':
+        package_parts = package_parts[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, [], node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package_parts[:len(package_parts) - node.level + (path.name == '__init__.py')]
+                module = '.'.join(base + ((node.module,) if node.module else ()))
+            else:
+                module = node.module
+            yield module, [alias.name for alias in node.names], node.lineno
+
+
+def layer_breaches(package):
+    """Every import in the package folder ``package`` that breaks the layering, in words."""
+    breaches = []
+    for path in sorted(package.rglob('*.py')):
+        if path.parent == package and path.name == '__init__.py':
+            continue
+        layer = path.relative_to(package).parts[0].removesuffix('.py')
+        for module, names, line in _imports(path, package):
+            parts = module.split('.')
+            where = f'{path.relative_to(package.parent)}:{line}'
+            if parts[0] == 'qsmprep' and len(parts) > 1:
+                if parts[1] not in ALLOWED[layer]:
+                    breaches.append(f'{where}: {layer} imports {module}')
+                private = [name for name in names if name.startswith('_')]
+                if private and Path(*parts[1:]) != path.relative_to(package).with_suffix(''):
+                    breaches.append(f'{where}: imports the private {", ".join(private)} of {module}')
+            elif parts[0] == 'qsmprep':
+                if set(names) - {'__version__'}:
+                    breaches.append(f'{where}: imports {names} from the package root')
+            elif parts[0] in FRAMEWORKS and layer not in FRAMEWORKS[parts[0]]:
+                breaches.append(f'{where}: {layer} imports {parts[0]}')
+    return breaches
+
+
+def test_every_module_imports_only_from_its_layer_and_below():
+    breaches = layer_breaches(PACKAGE)
+    assert not breaches, '\n'.join(breaches)
+
+
+def test_the_layer_check_sees_upward_framework_and_private_imports(tmp_path):
+    package = tmp_path / 'qsmprep'
+    for folder, text in (('science', 'from ..cli.parser import positive_int\nimport nipype\n'),
+                         ('learned', 'from ..science.inversion import _private\nfrom .models import fine\n')):
+        (package / folder).mkdir(parents=True)
+        (package / folder / 'module.py').write_text(text)
+    breaches = layer_breaches(package)
+    assert len(breaches) == 3, breaches
+    assert any('science imports qsmprep.cli.parser' in b for b in breaches)
+    assert any('science imports nipype' in b for b in breaches)
+    assert any('private _private of qsmprep.science.inversion' in b for b in breaches)
