@@ -38,6 +38,7 @@ from benchmarks.simulate_bids import (CHI_AIR, ECHO_TIMES_S, FIELD_STRENGTH_T, h
                                       simulate_megre, tilted_affine, voxel_averaged_field)
 from benchmarks.weight_calibration import simulated_case  # noqa: E402
 from qsmprep.learned.phantoms import FIBRE_SMOOTHING_MM  # noqa: E402
+from qsmprep.methods import INVERSIONS  # noqa: E402
 from qsmprep.science import bgremove, inversion, masking, metrics  # noqa: E402
 
 PUBLISHED = {'CFL2': None, 'QSMnet': (2, 6, 6), 'QSMnet+': (2, 6, 6)}
@@ -244,7 +245,7 @@ def main():
     parser.add_argument('--out', type=Path, default=Path('benchmarks/INVERSION.md'))
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='where LP-CNN runs')
     args = parser.parse_args()
-    methods = inversion.INVERSION_METHODS + ('lpcnn',)
+    methods = tuple(INVERSIONS)
 
     challenge = load_challenge(args.data)
     challenge_rows = method_rows(challenge, methods, args.device)

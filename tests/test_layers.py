@@ -1,7 +1,7 @@
 """The package's layers (CONTRIBUTING.md): each imports only from the layers below it.
 
-science (arrays in, arrays out) < learned (torch models on science's physics) < nifti, bids
-(files) < interfaces (Nipype nodes) < workflows < cli. No module imports another module's
+science (arrays in, arrays out) < learned (torch models on science's physics) < methods (the
+registry of inversions) < nifti, bids (files) < interfaces (Nipype nodes) < workflows < cli. No module imports another module's
 private names.
 """
 import ast
@@ -15,11 +15,12 @@ PACKAGE = Path(qsmprep.__file__).parent
 ALLOWED = {
     'science': {'science'},
     'learned': {'science', 'learned'},
+    'methods': {'science', 'methods'},
     'nifti': {'nifti'},
     'bids': {'science', 'nifti', 'bids'},
-    'interfaces': {'science', 'learned', 'nifti', 'interfaces'},
-    'workflows': {'science', 'learned', 'nifti', 'bids', 'interfaces', 'workflows'},
-    'cli': {'science', 'learned', 'nifti', 'bids', 'interfaces', 'workflows', 'cli'},
+    'interfaces': {'science', 'learned', 'methods', 'nifti', 'interfaces'},
+    'workflows': {'science', 'learned', 'methods', 'nifti', 'bids', 'interfaces', 'workflows'},
+    'cli': {'science', 'learned', 'methods', 'nifti', 'bids', 'interfaces', 'workflows', 'cli'},
 }
 # Third-party frameworks that belong to one layer and above.
 FRAMEWORKS = {'nipype': {'interfaces', 'workflows', 'cli'}}

@@ -4,8 +4,8 @@ import os
 from pathlib import Path
 
 from .. import __version__
-from ..learned import LEARNED_INVERSION_METHODS
-from ..science import bgremove, inversion, unwrap
+from ..methods import DEFAULT_INVERSION, INVERSIONS
+from ..science import bgremove, unwrap
 from ..science.masking import MASKING_METHODS
 
 
@@ -60,8 +60,8 @@ def build_parser():
     methods = parser.add_argument_group('methods')
     methods.add_argument('--unwrap', choices=unwrap.UNWRAP_METHODS, default=unwrap.DEFAULT_UNWRAP)
     methods.add_argument('--bgremove', choices=bgremove.BGREMOVE_METHODS, default='vsharp')
-    methods.add_argument('--inversion', choices=inversion.INVERSION_METHODS + LEARNED_INVERSION_METHODS,
-                         default=inversion.DEFAULT_INVERSION,
+    methods.add_argument('--inversion', choices=tuple(INVERSIONS),
+                         default=DEFAULT_INVERSION,
                          help='lpcnn: the learned proximal network shipped with qsmprep (needs torch)')
     methods.add_argument('--masking', choices=MASKING_METHODS, default='two-pass',
                          help='two-pass (default): also drop voxels whose phase is a wrap off their neighbours, '

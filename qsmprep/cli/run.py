@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..bids import InputError, check_user_mask, collect_megre_series
-from ..learned import LEARNED_INVERSION_METHODS, missing_torch_message, shipped_lpcnn_voxel_size_range_mm
+from ..learned import missing_torch_message, shipped_lpcnn_voxel_size_range_mm
+from ..methods import LEARNED_INVERSIONS
 from .parser import build_parser
 
 logger = logging.getLogger('qsmprep')
@@ -113,7 +114,7 @@ def main(argv=None):
         except InputError as error:
             return _fail(str(error))
 
-    if args.inversion in LEARNED_INVERSION_METHODS:
+    if args.inversion in LEARNED_INVERSIONS:
         torch_message = missing_torch_message(f'--inversion {args.inversion}')
         if torch_message:
             return _fail(torch_message, code=2)

@@ -11,7 +11,8 @@ import numpy as np
 import scipy.fft
 
 from .. import __version__
-from ..learned import LEARNED_INVERSION_METHODS, missing_torch_message
+from ..learned import missing_torch_message
+from ..methods import DEFAULT_INVERSION, INVERSIONS, LEARNED_INVERSIONS
 from ..nifti import on_same_grid, save_like
 from ..science import bgremove, chisep, echofit, inversion, masking, unwrap
 from ..science.physics import b0_direction_from_affine, voxel_size_from_affine
@@ -83,12 +84,12 @@ def _orientation_b0_dirs(args, images):
 
 
 def run_invert(args):
-    if len(args.local_fields) > 1 and args.method not in LEARNED_INVERSION_METHODS:
+    if len(args.local_fields) > 1 and args.method not in LEARNED_INVERSIONS:
         raise ToolError(f'--method {args.method} inverts one local field; several orientations need '
-                        f'--method {" or ".join(LEARNED_INVERSION_METHODS)}.')
+                        f'--method {" or ".join(LEARNED_INVERSIONS)}.')
     field, image = _load(args.local_fields[0], ndim=(3,))
     mask = _load_mask(args.mask, image, args.local_fields[0])
-    if args.method in LEARNED_INVERSION_METHODS:
+    if args.method in LEARNED_INVERSIONS:
         torch_message = missing_torch_message(f'--method {args.method}')
         if torch_message:
             raise ToolError(torch_message)
@@ -216,8 +217,8 @@ def build_parser():
     invert.add_argument('local_fields', nargs='+', metavar='local_field',
                         help='one local field; with --method lpcnn, one per head orientation, all on one grid')
     invert.add_argument('--mask', required=True)
-    invert.add_argument('--method', choices=inversion.INVERSION_METHODS + LEARNED_INVERSION_METHODS,
-                        default=inversion.DEFAULT_INVERSION)
+    invert.add_argument('--method', choices=tuple(INVERSIONS),
+                        default=DEFAULT_INVERSION)
     invert.add_argument('--magnitude', help='magnitude for the data weighting (3-D, or 4-D combined over echoes)')
     invert.add_argument('--b0-dir', nargs=3, type=float, metavar=('X', 'Y', 'Z'), action='append',
                         help='B0 direction in voxel axes, once per local field in their order '

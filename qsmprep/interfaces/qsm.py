@@ -13,7 +13,7 @@ import scipy.fft
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject, SimpleInterface,
                                     TraitedSpec, isdefined, traits)
 
-from ..learned import LEARNED_INVERSION_METHODS
+from ..methods import INVERSIONS, LEARNED_INVERSIONS
 from ..nifti import save_like
 from ..science import bgremove, chisep, echofit, inversion, masking, unwrap
 from ..science.physics import voxel_size_from_affine
@@ -250,7 +250,7 @@ class _InvertInputSpec(_ThreadedInputSpec):
     mask = File(exists=True, mandatory=True)
     magnitude = File(exists=True, desc='magnitude weighting (4-D: combined over echoes)')
     b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc='in voxel axes')
-    method = traits.Enum(*(inversion.INVERSION_METHODS + LEARNED_INVERSION_METHODS), usedefault=True)
+    method = traits.Enum(*INVERSIONS, usedefault=True)
     echo_times = traits.List(traits.Float, desc='seconds; nltv expresses the field as phase at their mean')
     field_strength = traits.Float(desc='tesla; needed by nltv')
 
@@ -268,7 +268,7 @@ class Invert(_ThreadedInterface):
     def _compute(self):
         local_field, image = _load(self.inputs.local_field)
         mask = _load(self.inputs.mask, bool)[0]
-        if self.inputs.method in LEARNED_INVERSION_METHODS:
+        if self.inputs.method in LEARNED_INVERSIONS:
             import torch
 
             from ..learned.models import invert_with_shipped_lpcnn

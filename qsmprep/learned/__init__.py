@@ -12,7 +12,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-LEARNED_INVERSION_METHODS = ('lpcnn',)
 SHIPPED_LPCNN_CARD = Path(__file__).parent / 'models' / 'lpcnn' / 'model_card.json'
 
 

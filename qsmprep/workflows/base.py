@@ -4,7 +4,8 @@ from nipype.pipeline import engine as pe
 
 from .. import __version__
 from ..bids import bids_uri
-from ..science import bgremove, chisep, echofit, inversion
+from ..methods import DEFAULT_INVERSION, INVERSIONS
+from ..science import bgremove, chisep, echofit
 from ..science.unwrap import DEFAULT_UNWRAP
 from .qsm import init_series_wf
 
@@ -12,25 +13,6 @@ ECHO_FIT_DESCRIPTIONS = {
     'complex': 'magnitude-weighted nonlinear fit of the complex multi-echo signal (field and phase offset)',
     'linear': 'magnitude^2-weighted linear fit of unwrapped phase against echo time',
 }
-# The regularisation weight each series gets is added to its Chimap sidecar when it is chosen.
-_WEIGHT_RULE = {'RegularizationWeightRule': f'{inversion.TV_TO_L2_WEIGHT} x the GCV weight of closed-form L2, '
-                                            'relative to the local field scaled to unit RMS in the mask'}
-INVERSION_DESCRIPTIONS = {
-    'tv': ('magnitude-weighted total variation, ADMM (linear FANSI form)',
-           {**_WEIGHT_RULE, 'MaxIterations': inversion.TV_ITERATIONS}),
-    'nltv': ('magnitude-weighted total variation with a nonlinear (complex exponential) data term, ADMM',
-             {**_WEIGHT_RULE, 'MaxIterations': inversion.TV_ITERATIONS,
-              'DataTermPhase': 'field as phase at the mean echo time'}),
-    'l2': ('closed-form L2 with a gradient penalty',
-           {'RegularizationWeightRule': 'generalised cross-validation, relative to the local field scaled to unit '
-                                        'RMS in the mask'}),
-    'tkd': ('truncated k-space division', {'Threshold': inversion.TKD_THRESHOLD}),
-    # The model's name, training steps and sha256 are added per series when it runs.
-    'lpcnn': ('learned proximal gradient descent (LP-CNN, Lai et al. 2020), trained by qsmprep-train on '
-              'simulated data; model card inside the package', {}),
-}
-
-
 def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inversion_method, user_mask,
                  masking='two-pass', chi_separation=True):
     """Sidecar keys common to every output of ``series``, and those of each output."""
@@ -45,7 +27,8 @@ def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inver
     }
     echo_fit = echofit.echo_fit_method(len(series.echo_times_s))
     field_steps = {'PhaseUnwrapping': unwrap, 'EchoCombination': ECHO_FIT_DESCRIPTIONS[echo_fit]}
-    inversion_name, inversion_parameters = INVERSION_DESCRIPTIONS[inversion_method]
+    inversion_name = INVERSIONS[inversion_method].estimation_algorithm
+    inversion_parameters = INVERSIONS[inversion_method].sidecar_parameters
     background = {'BackgroundFieldRemoval': bgremove_method}
     if bgremove_method == 'vsharp':
         background['BackgroundFieldRemovalRadiiMM'] = bgremove.default_radii_mm(series.voxel_size_mm)
@@ -86,7 +69,7 @@ def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inver
 
 
 def init_qsmprep_wf(*, series_list, bids_dir, output_dir, work_dir, phase_sign=1, unwrap=DEFAULT_UNWRAP,
-                    bgremove_method='vsharp', inversion_method=inversion.DEFAULT_INVERSION, user_mask=None,
+                    bgremove_method='vsharp', inversion_method=DEFAULT_INVERSION, user_mask=None,
                     masking='two-pass', chi_separation=True, omp_nthreads=1, name='qsmprep_wf'):
     """Every selected MEGRE series, each in its own ``series_wf`` named after its entities.
 

@@ -5,7 +5,8 @@ from nipype.pipeline import engine as pe
 from ..interfaces.derivatives import DerivativesSink
 from ..interfaces.qsm import (BrainMask, FitR2star, FitTotalField, Invert, LoadMEGRE, RemoveBackground,
                               SeparateSources, UnwrapPhase)
-from ..science import echofit, inversion
+from ..methods import DEFAULT_INVERSION
+from ..science import echofit
 from ..science.unwrap import DEFAULT_UNWRAP
 
 
@@ -56,7 +57,7 @@ def init_megre_wf(*, series, phase_sign=1, unwrap=DEFAULT_UNWRAP, user_mask=None
 
 
 def init_field_to_chi_wf(*, b0_dir, echo_times, field_strength, bgremove='vsharp',
-                         inversion_method=inversion.DEFAULT_INVERSION, omp_nthreads=1, invert_nthreads=None,
+                         inversion_method=DEFAULT_INVERSION, omp_nthreads=1, invert_nthreads=None,
                          name='field_to_chi_wf'):
     """Total field (ppm) to referenced susceptibility (ppm): background removal, then inversion.
 
@@ -91,7 +92,7 @@ def init_field_to_chi_wf(*, b0_dir, echo_times, field_strength, bgremove='vsharp
 
 
 def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, unwrap=DEFAULT_UNWRAP,
-                   bgremove='vsharp', inversion_method=inversion.DEFAULT_INVERSION, user_mask=None,
+                   bgremove='vsharp', inversion_method=DEFAULT_INVERSION, user_mask=None,
                    masking='two-pass', chi_separation=True, omp_nthreads=1, name='series_wf'):
     """One MEGRE series from raw echoes to written derivatives.
 

@@ -1,0 +1,67 @@
+"""Every dipole inversion qsmprep offers, registered once with its name, sidecar entries and citation.
+
+The BIDS App's ``--inversion`` and ``qsmprep-tools invert --method`` take their choices from
+``INVERSIONS``, the Chimap sidecar its ``EstimationAlgorithm`` and fixed parameters, and the
+README its table of methods (``markdown_table``; a test keeps the README in step). The classical
+methods are solved by ``science.inversion.invert``, the learned ones by ``learned.models``.
+"""
+from dataclasses import dataclass, field
+
+from .science import inversion
+
+
+@dataclass(frozen=True)
+class InversionMethod:
+    name: str
+    summary: str  # a line for users: README and help
+    estimation_algorithm: str  # the Chimap sidecar's EstimationAlgorithm
+    citation: str
+    sidecar_parameters: dict = field(default_factory=dict)  # fixed entries; chosen values are added per run
+    learned: bool = False  # needs torch; takes one or several orientations
+
+
+_WEIGHT_RULE = {'RegularizationWeightRule': f'{inversion.TV_TO_L2_WEIGHT} x the GCV weight of closed-form L2, '
+                                            'relative to the local field scaled to unit RMS in the mask'}
+_FANSI = ('Milovic C, Bilgic B, Zhao B, Acosta-Cabronero J, Tejos C. Fast nonlinear susceptibility inversion '
+          'with variational regularization. Magn Reson Med 2018;80:814-821.')
+
+INVERSIONS = {method.name: method for method in (
+    InversionMethod(
+        'tv', 'magnitude-weighted total variation (the default)',
+        'magnitude-weighted total variation, ADMM (linear FANSI form)', _FANSI,
+        {**_WEIGHT_RULE, 'MaxIterations': inversion.TV_ITERATIONS}),
+    InversionMethod(
+        'nltv', 'total variation with a nonlinear (complex exponential) data term',
+        'magnitude-weighted total variation with a nonlinear (complex exponential) data term, ADMM', _FANSI,
+        {**_WEIGHT_RULE, 'MaxIterations': inversion.TV_ITERATIONS,
+         'DataTermPhase': 'field as phase at the mean echo time'}),
+    InversionMethod(
+        'l2', 'closed-form L2 with a gradient penalty, weight by generalised cross-validation',
+        'closed-form L2 with a gradient penalty',
+        'Bilgic B, Chatnuntawech I, Fan AP, et al. Fast image reconstruction with L2-regularization. J Magn '
+        'Reson Imaging 2014;40:181-191.',
+        {'RegularizationWeightRule': 'generalised cross-validation, relative to the local field scaled to unit '
+                                     'RMS in the mask'}),
+    InversionMethod(
+        'tkd', 'truncated k-space division', 'truncated k-space division',
+        'Shmueli K, de Zwart JA, van Gelderen P, et al. Magnetic susceptibility mapping of brain tissue in vivo '
+        'using MRI phase data. Magn Reson Med 2009;62:1510-1522.',
+        {'Threshold': inversion.TKD_THRESHOLD}),
+    # The model's name, training steps and sha256 are added per series when it runs.
+    InversionMethod(
+        'lpcnn', 'the learned LP-CNN shipped with qsmprep; needs torch, on the GPU when torch sees one',
+        'learned proximal gradient descent (LP-CNN, Lai et al. 2020), trained by qsmprep-train on simulated data; '
+        'model card inside the package',
+        'Lai KW, Aggarwal M, van Zijl P, Li X, Sulam J. Learned proximal networks for quantitative '
+        'susceptibility mapping. MICCAI 2020, LNCS 12262:125-135.',
+        learned=True),
+)}
+DEFAULT_INVERSION = inversion.DEFAULT_INVERSION
+LEARNED_INVERSIONS = tuple(name for name, method in INVERSIONS.items() if method.learned)
+
+
+def markdown_table():
+    """The README's table of inversion methods."""
+    lines = ['| `--inversion` | method | reference |', '|---|---|---|']
+    lines += [f'| `{m.name}` | {m.summary} | {m.citation} |' for m in INVERSIONS.values()]
+    return '\n'.join(lines)
