@@ -1,8 +1,8 @@
 """The package's layers (CONTRIBUTING.md): each imports only from the layers below it.
 
 science (arrays in, arrays out) < learned (torch models on science's physics) < methods (the
-registry of inversions) < nifti, bids (files) < interfaces (Nipype nodes) < workflows < cli. No module imports another module's
-private names.
+registry of inversions) < settings (of a run) < nifti, bids (files) < interfaces (Nipype nodes) <
+workflows < cli. No module imports another module's private names.
 """
 import ast
 from pathlib import Path
@@ -16,11 +16,12 @@ ALLOWED = {
     'science': {'science'},
     'learned': {'science', 'learned'},
     'methods': {'science', 'methods'},
+    'settings': {'science', 'methods', 'settings'},
     'nifti': {'nifti'},
     'bids': {'science', 'nifti', 'bids'},
     'interfaces': {'science', 'learned', 'methods', 'nifti', 'interfaces'},
-    'workflows': {'science', 'learned', 'methods', 'nifti', 'bids', 'interfaces', 'workflows'},
-    'cli': {'science', 'learned', 'methods', 'nifti', 'bids', 'interfaces', 'workflows', 'cli'},
+    'workflows': {'science', 'learned', 'methods', 'settings', 'nifti', 'bids', 'interfaces', 'workflows'},
+    'cli': {'science', 'learned', 'methods', 'settings', 'nifti', 'bids', 'interfaces', 'workflows', 'cli'},
 }
 # Third-party frameworks that belong to one layer and above.
 FRAMEWORKS = {'nipype': {'interfaces', 'workflows', 'cli'}}

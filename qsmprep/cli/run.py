@@ -6,10 +6,10 @@ import sys
 import time
 from pathlib import Path
 
-from .. import __version__
 from ..bids import InputError, check_user_mask, collect_megre_series
 from ..learned import missing_torch_message, shipped_lpcnn_voxel_size_range_mm
 from ..methods import LEARNED_INVERSIONS
+from ..settings import Settings
 from .parser import build_parser
 
 logger = logging.getLogger('qsmprep')
@@ -18,24 +18,6 @@ logger = logging.getLogger('qsmprep')
 def _fail(message, code=1):
     print(f'qsmprep: error: {message}', file=sys.stderr)
     return code
-
-
-def _toml_value(value):
-    if isinstance(value, bool):
-        return 'true' if value else 'false'
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return '[' + ', '.join(_toml_value(v) for v in value) + ']'
-    return json.dumps(str(value))
-
-
-def write_settings(args, path):
-    """The run's settings as flat TOML, enough to rerun or audit it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ['[qsmprep]', f'version = {_toml_value(__version__)}']
-    lines += [f'{key} = {_toml_value(value)}' for key, value in sorted(vars(args).items()) if value is not None]
-    path.write_text('\n'.join(lines) + '\n')
 
 
 def write_dataset_description(output_dir, bids_dir):
@@ -84,38 +66,37 @@ def _crash_summary(crash_dir, since):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    settings = Settings.from_arguments(build_parser().parse_args(argv))
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter('%(asctime)s qsmprep %(levelname)s: %(message)s'))
     logger.addHandler(handler)
-    logger.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
-    if args.analysis_level == 'group':
+    logger.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(settings.verbose, 2)])
+    if settings.analysis_level == 'group':
         return _fail('the group level is not implemented yet; run the participant level.', code=2)
-    if args.output_dir == args.bids_dir:
-        return _fail(f'{args.output_dir}: the output folder is the input dataset; write derivatives elsewhere, '
-                     f'e.g. {args.bids_dir / "derivatives" / "qsmprep"}.')
-    omp_nthreads = args.omp_nthreads or args.nprocs
+    if settings.output_dir == settings.bids_dir:
+        return _fail(f'{settings.output_dir}: the output folder is the input dataset; write derivatives '
+                     f'elsewhere, e.g. {settings.bids_dir / "derivatives" / "qsmprep"}.')
     try:
         series_list, errors = collect_megre_series(
-            args.bids_dir, args.participant_label, args.session_label, validate=not args.skip_bids_validation,
-            field_strength_override=args.field_strength)
+            settings.bids_dir, settings.participant_label, settings.session_label, validate=not settings.skip_bids_validation,
+            field_strength_override=settings.field_strength)
     except InputError as error:
         return _fail(str(error))
     for message in errors:
         print(f'qsmprep: error: {message} (this series is skipped)', file=sys.stderr)
     if not series_list:
         return _fail('no MEGRE series passed the checks; nothing was run.')
-    if args.mask is not None:
+    if settings.mask is not None:
         if len(series_list) > 1:
-            return _fail(f'{args.mask}: --mask serves one series, but {len(series_list)} were selected; select '
+            return _fail(f'{settings.mask}: --mask serves one series, but {len(series_list)} were selected; select '
                          f'one with --participant-label and --session-label.')
         try:
-            check_user_mask(args.mask, series_list[0])
+            check_user_mask(settings.mask, series_list[0])
         except InputError as error:
             return _fail(str(error))
 
-    if args.inversion in LEARNED_INVERSIONS:
-        torch_message = missing_torch_message(f'--inversion {args.inversion}')
+    if settings.inversion in LEARNED_INVERSIONS:
+        torch_message = missing_torch_message(f'--inversion {settings.inversion}')
         if torch_message:
             return _fail(torch_message, code=2)
         smallest, largest = shipped_lpcnn_voxel_size_range_mm()
@@ -125,39 +106,36 @@ def main(argv=None):
                                'its map may be less accurate than on data inside that range', series.name,
                                [round(v, 2) for v in series.voxel_size_mm], smallest, largest)
 
-    _configure_nipype(args.work_dir, args.verbose, args.resource_monitor)
+    _configure_nipype(settings.work_dir, settings.verbose, settings.resource_monitor)
     from ..workflows.base import init_qsmprep_wf
 
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    qsmprep_wf = init_qsmprep_wf(
-        series_list=series_list, bids_dir=args.bids_dir, output_dir=args.output_dir, work_dir=args.work_dir,
-        phase_sign=args.phase_sign, unwrap=args.unwrap, bgremove_method=args.bgremove,
-        inversion_method=args.inversion, user_mask=str(args.mask) if args.mask else None,
-        masking=args.masking, chi_separation=args.chi_separation,
-        omp_nthreads=omp_nthreads)
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    qsmprep_wf = init_qsmprep_wf(series_list=series_list, settings=settings)
     for series in series_list:
         logger.info('%s: %d echoes, %.1f T, B0 direction %s (from %s)', series.name, len(series.echo_times_s),
                     series.field_strength_t, [round(v, 3) for v in series.b0_dir], series.b0_dir_source)
-    plugin, plugin_args = ('MultiProc', {'n_procs': args.nprocs}) if args.nprocs > 1 else ('Linear', {})
+    plugin, plugin_args = ('MultiProc', {'n_procs': settings.nprocs}) if settings.nprocs > 1 else ('Linear', {})
     started = time.time()
     failed = False
     # Nipype's resource monitor writes its logs into the current folder: keep them in the work
     # directory (every path handed to the workflow is absolute).
     launch_dir = os.getcwd()
-    os.chdir(args.work_dir)
+    os.chdir(settings.work_dir)
     try:
         qsmprep_wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError:
         failed = True
     finally:
         os.chdir(launch_dir)
-        write_dataset_description(args.output_dir, args.bids_dir)
-        write_settings(args, args.output_dir / 'logs' / f'qsmprep_{time.strftime("%Y%m%d-%H%M%S")}.toml')
+        write_dataset_description(settings.output_dir, settings.bids_dir)
+        log = settings.output_dir / 'logs' / f'qsmprep_{time.strftime("%Y%m%d-%H%M%S")}.toml'
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(settings.to_toml())
     if failed:
         return _fail(f'some processing steps failed; the series they belong to have no derivatives:\n'
-                     f'{_crash_summary(args.work_dir / "crash", started)}')
+                     f'{_crash_summary(settings.work_dir / "crash", started)}')
     print(f'qsmprep: {len(series_list)} series done in {time.time() - started:.0f} s; derivatives in '
-          f'{args.output_dir}')
+          f'{settings.output_dir}')
     return 1 if errors else 0
 
 

@@ -4,9 +4,8 @@ from nipype.pipeline import engine as pe
 
 from .. import __version__
 from ..bids import bids_uri
-from ..methods import DEFAULT_INVERSION, INVERSIONS
+from ..methods import INVERSIONS
 from ..science import bgremove, chisep, echofit
-from ..science.unwrap import DEFAULT_UNWRAP
 from .qsm import init_series_wf
 
 ECHO_FIT_DESCRIPTIONS = {
@@ -68,24 +67,27 @@ def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inver
     return metadata, parameters
 
 
-def init_qsmprep_wf(*, series_list, bids_dir, output_dir, work_dir, phase_sign=1, unwrap=DEFAULT_UNWRAP,
-                    bgremove_method='vsharp', inversion_method=DEFAULT_INVERSION, user_mask=None,
-                    masking='two-pass', chi_separation=True, omp_nthreads=1, name='qsmprep_wf'):
+def init_qsmprep_wf(*, series_list, settings, name='qsmprep_wf'):
     """Every selected MEGRE series, each in its own ``series_wf`` named after its entities.
 
-    >>> wf = init_qsmprep_wf(series_list=series, bids_dir=..., output_dir=..., work_dir=...)  # doctest: +SKIP
+    ``settings``: the run's ``qsmprep.settings.Settings``.
+
+    >>> wf = init_qsmprep_wf(series_list=series, settings=settings)  # doctest: +SKIP
     """
     qsmprep_wf = pe.Workflow(name=name)
-    qsmprep_wf.base_dir = str(work_dir)
+    qsmprep_wf.base_dir = str(settings.work_dir)
+    user_mask = str(settings.mask) if settings.mask else None
     for series in series_list:
-        metadata, parameters = sidecars_for(series, bids_dir=bids_dir, phase_sign=phase_sign, unwrap=unwrap,
-                                            bgremove_method=bgremove_method, inversion_method=inversion_method,
-                                            user_mask=user_mask, masking=masking, chi_separation=chi_separation)
-        series_wf = init_series_wf(series=series, output_dir=output_dir, metadata=metadata,
-                                   parameters=parameters, phase_sign=phase_sign, unwrap=unwrap,
-                                   bgremove=bgremove_method, inversion_method=inversion_method,
-                                   user_mask=user_mask, masking=masking, chi_separation=chi_separation,
-                                   omp_nthreads=omp_nthreads, name=f'series_{series.workflow_name}_wf')
+        metadata, parameters = sidecars_for(series, bids_dir=settings.bids_dir, phase_sign=settings.phase_sign,
+                                            unwrap=settings.unwrap, bgremove_method=settings.bgremove,
+                                            inversion_method=settings.inversion, user_mask=user_mask,
+                                            masking=settings.masking, chi_separation=settings.chi_separation)
+        series_wf = init_series_wf(series=series, output_dir=settings.output_dir, metadata=metadata,
+                                   parameters=parameters, phase_sign=settings.phase_sign, unwrap=settings.unwrap,
+                                   bgremove=settings.bgremove, inversion_method=settings.inversion,
+                                   user_mask=user_mask, masking=settings.masking,
+                                   chi_separation=settings.chi_separation, omp_nthreads=settings.omp_nthreads,
+                                   name=f'series_{series.workflow_name}_wf')
         qsmprep_wf.add_nodes([series_wf])
     return qsmprep_wf
 
