@@ -15,24 +15,14 @@ The susceptibility estimate is updated by unrolled proximal gradient steps on th
   learned step size alpha suits any number of orientations: sum_i D_i^T D_i has a largest
   eigenvalue up to N * 4/9.
 - P_theta is one CNN shared by all iterations (the paper's choice); it sees the estimate and
-  the mask and returns a corrected estimate. Sharing would allow more or fewer iterations at
-  inference than in training, but it does not pay: the model of 7300 steps, trained with 3,
-  scored 48.6 % mean NRMSE with 2 and with 3 and 48.9 % with 4 (``simulate.simulate_head``
-  brains of seeds 0-2 at 1.5 mm without, with half and with all the training's largest noise,
-  residual background and anisotropy, reflection-averaged), so inference keeps the trained count.
+  the mask and returns a corrected estimate. Inference keeps the trained iteration count: more
+  or fewer did not pay (benchmarks/NOTES.md).
 - chi_0 is the closed-form L2 solution with a gradient penalty of all orientations together,
   sum_i D_i F f_i / (sum_i D_i^2 + lambda |F grad|^2) (the paper starts from 0), so the CNN
-  only has to correct a good estimate. Measured on the training's 16 held-out patches, same
-  recipe otherwise, on the CPU: from 0, 56.5 % NRMSE after 900 steps and 56.7 % after 965;
-  from the L2 start, 58.1 % before any step, 47.9 % after 900 and 45.4 % after 1938.
-  ``initial_estimate='zero'`` is the paper's start.
+  only has to correct a good estimate. ``initial_estimate='zero'`` is the paper's start.
 - The weight lambda is chosen for each input by generalised cross-validation
   (``initial_estimate='l2_gcv'``, as ``inversion.l2_gradient`` chooses it), or is one learned
-  constant (``'l2'``). One constant cannot suit every noise level: on a whole simulated brain
-  (``simulate.simulate_head``) GCV chose 0.0056 without noise and 0.056 with the training's
-  noise and residual background, against a learned 0.0125; swapping in GCV's choice, with no
-  retraining, took the model from 32.2 to 31.6 % NRMSE without noise and from 57.5 to 54.8 %
-  with it.
+  constant (``'l2'``). One constant cannot suit every noise level (benchmarks/NOTES.md).
 
 The network works in ``NETWORK_UNITS_PER_PPM`` units: fields and susceptibility in ppm are of
 order 0.01 to 0.1 in the brain, too small for the default initialisation and learning rates of

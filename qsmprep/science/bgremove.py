@@ -3,12 +3,11 @@
 The background field is the field of susceptibility outside the brain mask, harmonic inside it.
 The field of the brain's own susceptibility is not fully separable from it: whatever part of it
 is harmonic inside the mask (such as the field, deeper inside, of the susceptibility near the
-mask's edge) could as well come from outside sources. On the simulated heads of benchmarks/,
-classic V-SHARP, PDF and LBV leave 33 to 41 % NRMSE at 1 mm, and almost all of it is local
-field removed with the background, not background left behind (V-SHARP: 38 % and 2 %). The
-methods below therefore decide that harmonic part with a prior: the brain's susceptibility is
-small (a Tikhonov penalty) while outside sources are free, so a harmonic field that small brain
-susceptibility explains, together with the rest of the local field, stays in the local field.
+mask's edge) could as well come from outside sources. Classic V-SHARP, PDF and LBV lose that
+part (benchmarks/NOTES.md), so the methods below decide it with a prior: the brain's
+susceptibility is small (a Tikhonov penalty) while outside sources are free, so a harmonic field
+that small brain susceptibility explains, together with the rest of the local field, stays in
+the local field.
 Measurements: benchmarks/BGREMOVE.md.
 
 - ``vsharp``: variable-radius SHARP. The background is harmonic inside the brain, so the
@@ -43,56 +42,32 @@ from .physics import DipoleOperator, dipole_kernel, smv_kernel
 from .solvers import conjugate_gradient
 
 BGREMOVE_METHODS = ('vsharp', 'pdf', 'lbv')
-# Measurements below: the simulated 1 mm head of benchmarks/ (true total field, brain mask),
-# local field NRMSE over the method's valid mask without the mask's outer voxel layer.
-# Empty margin around the mask: where PDF and the brain-source fit look for outside sources
-# (1 mm, tilted: 28.1 % with 12 mm, 28.3 % with 6 mm, on a grid of 7.0 vs 5.5 million voxels),
-# and V-SHARP's gap between the brain and its periodic copies (25.5 % with 12 mm, 25.6 % with 4).
+# Empty margin around the mask: where PDF and the brain-source fit look for outside sources, and
+# V-SHARP's gap between the brain and its periodic copies.
 SOURCE_MARGIN_MM = 6.0
 VSHARP_MARGIN_MM = 4.0
-# V-SHARP takes as data only the voxels this deep inside the mask. A magnitude mask reaches the
-# skull, whose steep field (bone is about -2 ppm) no discrete model of the voxel-averaged
-# field follows to the local field's 1 % near it: on the 2 mm simulated head (true total field,
-# the magnitude mask) the local field was 83 % NRMSE using every voxel and 35 % with data from
-# 4 mm deep (33 % from 6 mm), both over 99.7 % of the brain; on the true brain mask 28.8 and
-# 28.9 %. Calibration heads only (benchmarks/CLASSICAL.md scores others).
+# V-SHARP takes as data only voxels this deep inside the mask: next to the skull (about -2 ppm)
+# no discrete model follows the steep field to the local field's accuracy.
 VSHARP_DATA_DEPTH_MM = 4.0
-# Tikhonov weight of brain susceptibility against free outside sources (PDF and LBV), relative
-# to the dipole kernel (whose values lie in [-2/3, 1/3]); the problem is linear, so it does not
-# depend on the field's scale. Tilted head: PDF 40 % without the brain sources, 28 % with;
-# LBV 34 and 26 %. Weights 0.05 and 0.1 were within 0.5 % (upright and tilted); 0.3 was 3 %
-# worse on the 2 mm head.
+# Tikhonov weight of brain susceptibility against free outside sources (PDF, LBV), relative to
+# the dipole kernel; the problem is linear, so it does not depend on the field's scale.
 BRAIN_SOURCE_WEIGHT = 0.1
-# V-SHARP fits high-passed data, whose low frequencies are weak; the iteration count
-# regularises, and a small weight only keeps the problem definite (after 120 iterations
-# without preconditioner: 25 % with 0.003, 28 % with 0.01).
+# V-SHARP fits high-passed data, whose low frequencies are weak: its iteration count
+# regularises, and this small weight only keeps the problem definite.
 VSHARP_WEIGHT = 0.003
-# V-SHARP's preconditioner divides by sum_r s_r |(1 - SMV_r) D|^2 + this^2, s_r the share of the
-# voxels that use radius r: the normal operator if the mask were the whole space. On the 2 mm
-# head 20 preconditioned iterations reached 29.6 % (floor 0.1; 31.6 % with 0.3), which took 80
-# without (preconditioner of the largest radius alone).
+# Floor of V-SHARP's preconditioner, the normal operator as if the mask were the whole space.
 VSHARP_PRECONDITIONER_FLOOR = 0.1
-# V-SHARP is far from converged after its iterations and each one improves it. 1 mm head, NRMSE
-# upright / tilted: largest radius' preconditioner, 30 iterations 26.0 / 27.4 %, 24: 26.7 / 28.7 %;
-# the radii's shares (43 % of the voxels use 2 mm), 26 iterations: 26.3 / 26.9 %, 24: 26.6 / 27.4 %
-# (floor 0.08: 26.3 / 28.1 %, 0.05: 26.0 / 30.4 %), 28: 26.1 / 26.5 %.
+# V-SHARP and PDF are far from converged after their iterations, which are part of their
+# regularisation; PDF does most of them on a grid of twice the voxel size (``_pdf_coarse_start``).
 VSHARP_ITERATIONS = 26
-# PDF: iterations on a grid of twice the voxel size, then on the image grid from that start
-# (``_pdf_coarse_start``). PDF is far from converged after its iterations and each one improves
-# it; the coarse start does the slow part cheaply. NRMSE upright / tilted, 1 mm head: 60 + 40
-# image-grid iterations from 0 (outside sources + brain sources, 400 FFTs): 29.1 / 28.3 %; after
-# the coarse 60 + 40 (400 FFTs of an eighth of the voxels), 40 + 10: 28.7 / 28.1 %, 30 + 10:
-# 29.0 / 28.6 %; on _MaskGrid's former, larger grids, 30 + 10: 28.9 / 28.3 %, and without the
-# coarse brain-source start 30 + 30: 28.5 / 28.1 %. 2 mm head, where the coarse grid is 4 mm:
-# 29.1 / 30.5 % from 0, 29.1 / 30.8 % with 40 + 10, 30.2 / 32.4 % with 30 + 10.
 PDF_COARSE_ITERATIONS = 60
 PDF_COARSE_BRAIN_ITERATIONS = 40
 PDF_ITERATIONS = 40
 PDF_BRAIN_ITERATIONS = 10
-# PDF and V-SHARP stop on their iteration counts, which are part of their regularisation.
 CG_TOLERANCE = 1e-7
-# LBV's Poisson problem is well posed: its NRMSE did not change once the residual fell below 1e-3.
+# LBV's Poisson problem is well posed: its result no longer changes below this residual.
 LBV_TOLERANCE = 1e-4
+# How each value was chosen: benchmarks/NOTES.md.
 
 
 class _MaskGrid:

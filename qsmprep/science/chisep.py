@@ -39,18 +39,13 @@ from .masking import bounding_box
 from .physics import GAMMA_BAR_MHZ_PER_T, dipole_kernel, padded_shape
 
 DR_HZ_PER_PPM_3T = 114.0
-# Chosen on simulations only, never on in-vivo data: tests/test_chisep.py's phantom and a 2 mm
-# simulated head with chi+ and chi- from the tissue values of Ridani et al. 2026. On the head,
-# lambda = 1e-3, 3e-3, 6e-3 gave chi+ NRMSE 24, 22, 22 % and chi- 40, 34, 31 % (3e-4 and 1e-2
-# were worse for chi+). Both phantoms are piecewise constant, which rewards large TV weights, so
-# the smallest weight with the lowest chi+ error is kept. The relative change falls below 3e-3
-# after 27 to 35 iterations, within 1 % NRMSE of convergence.
+# Chosen on simulations only, never on in-vivo data (benchmarks/NOTES.md): the smallest weight
+# with the lowest chi+ error, since piecewise-constant phantoms reward large TV weights.
 CHISEP_LAMBDA = 3e-3
 CHISEP_ITERATIONS = 60
 CHISEP_TOLERANCE = 3e-3
 # ADMM penalties relative to the field term's (1): the TV penalty follows lambda as in
-# inversion.tv_admm; the penalty of the (p, n) >= 0 split only sets the speed of convergence
-# (0.03 converged in half the iterations of 0.1 or 0.3 on the simulations).
+# inversion.tv_admm; the penalty of the (p, n) >= 0 split only sets the speed of convergence.
 TV_PENALTY_PER_LAMBDA = 100.0
 NONNEGATIVE_PENALTY = 0.03
 

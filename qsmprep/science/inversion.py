@@ -27,16 +27,10 @@ from .physics import GAMMA_BAR_MHZ_PER_T, dipole_kernel, padded_shape
 INVERSION_METHODS = ('tv', 'nltv', 'l2', 'tkd')
 DEFAULT_INVERSION = 'tv'
 TKD_THRESHOLD = 0.19
-# GCV searches these relative weights, a quarter decade apart (on the simulated heads L2's error
-# changed by about 1 % NRMSE within such a step); they span noise-free to very noisy fields.
+# GCV searches these relative weights, a quarter decade apart, from noise-free to very noisy fields.
 L2_LAMBDAS = np.logspace(-4, 1, 21)
 # TV's weight is this times L2's GCV weight, and its ADMM starts from that L2 solution with small
-# penalties (data 0.1, gradient 10 x lam x 0.1), so that 50 iterations reach the plateau. On the
-# calibration heads (benchmarks/TV_CALIBRATION.md: 2 mm, 3 T and 7 T, upright and tilted, local
-# fields from the pipeline itself and true ones) 1 x GCV had the best mean NRMSE (38.3 % against
-# 39.0 at 2.5 x and 40.4 at 0.4 x): the pipeline's fields, whose error is structured, want 1 to
-# 2.5 x, the true fields 0.2 x. The former 60 cold iterations at penalties 1 and 100 x lam stopped
-# far from the optimum (true field at 0.2 x GCV: 22.8 %, against 16.7 % with these settings).
+# penalties, so that 50 iterations reach the plateau (benchmarks/TV_CALIBRATION.md).
 TV_TO_L2_WEIGHT = 1.0
 TV_ITERATIONS = 50
 TV_DATA_PENALTY = 0.1
@@ -44,10 +38,8 @@ TV_GRADIENT_PENALTY_RATIO = 10.0
 NLTV_NEWTON_STEPS = 4
 CROP_MARGIN_VOXELS = 8
 # TKD and L2 treat the zero field outside the mask as data, so their FFT grid is zero-padded to
-# this factor of the mask's box, or the dipole fields of the solution wrap around: L2 on the 2 mm
-# head (box margin 8 voxels) scored NRMSE 72, 51 and 31 % padded by 1, 1.5 and 2. TV's data
-# weight is 0 outside the mask, so the field there is free and it needs no padding (23 % on the
-# same box).
+# this factor of the mask's box, or the dipole fields of the solution wrap around. TV's data
+# weight is 0 outside the mask, so the field there is free and it needs no padding.
 LINEAR_PAD_FACTOR = 2.0
 
 
