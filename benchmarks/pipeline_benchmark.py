@@ -38,7 +38,7 @@ SUBJECTS = {'01': 'upright', '02': 'tilted 18 degrees (B0 direction from the aff
 
 def node_runtime(work_dir, label, stage):
     """Duration (s) Nipype recorded for one node."""
-    matches = list(Path(work_dir).glob(f'qsmprep_wf/series_sub_{label}_wf/**/{stage}/result_{stage}.pklz'))
+    matches = list(Path(work_dir).glob(f'qsmprep_wf/**/series_sub_{label}_wf/**/{stage}/result_{stage}.pklz'))
     if not matches:
         return float('nan')
     with gzip.open(matches[0], 'rb') as handle:

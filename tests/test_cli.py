@@ -73,12 +73,21 @@ def test_chi_separation_is_consistent_with_the_chimap(participant_run):
 
 def test_rerun_with_the_same_work_dir_resumes(participant_run, bids_dataset, run_qsmprep):
     output_dir, work_dir = participant_run
-    results = sorted(work_dir.glob('qsmprep_wf/series_sub_01_wf/field_to_chi_wf/invert/result_invert.pklz'))
+    results = sorted(work_dir.glob('qsmprep_wf/sub_01_wf/series_sub_01_wf/inversion_wf/invert/result_invert.pklz'))
     assert results
     before = results[0].stat().st_mtime
     result = run_qsmprep(bids_dataset, output_dir, 'participant', '-w', work_dir, '--participant-label', 'sub-01')
     assert result.returncode == 0, result.stderr
     assert results[0].stat().st_mtime == before  # the inversion was not run again
+
+
+def test_workflows_go_by_level_subject_series_stage(participant_run):
+    _, work_dir = participant_run
+    series_wf = work_dir / 'qsmprep_wf' / 'sub_01_wf' / 'series_sub_01_wf'
+    stages = {'mask_wf': 'brain_mask', 'field_wf': 'fit_total_field', 'bgremove_wf': 'remove_background',
+              'inversion_wf': 'invert', 'chisep_wf': 'separate_sources'}
+    for stage, node in stages.items():
+        assert (series_wf / stage / node / f'result_{node}.pklz').is_file(), stage
 
 
 def test_missing_echo_time_stops_with_a_message_and_writes_no_map(bids_dataset, tmp_path, run_qsmprep):
@@ -152,8 +161,8 @@ def test_lpcnn_inversion_reruns_only_what_follows_the_local_field(participant_ru
     assert result.returncode == 0, result.stderr
     # The 3 mm test data lie outside the shipped model's training range: the user is told.
     assert 'outside the 0.6-1.5 mm' in result.stderr
-    series_wf = lpcnn_work_dir / 'qsmprep_wf' / 'series_sub_01_wf'
-    background = series_wf / 'field_to_chi_wf' / 'remove_background' / 'result_remove_background.pklz'
+    series_wf = lpcnn_work_dir / 'qsmprep_wf' / 'sub_01_wf' / 'series_sub_01_wf'
+    background = series_wf / 'bgremove_wf' / 'remove_background' / 'result_remove_background.pklz'
     assert background.stat().st_mtime == (work_dir / background.relative_to(lpcnn_work_dir)).stat().st_mtime
     sidecar = json.loads((output_dir / 'sub-01' / 'anat' / 'sub-01_Chimap.json').read_text())
     assert sidecar['Model'] == 'LP-CNN' and len(sidecar['ModelSha256']) == 64

@@ -1,4 +1,5 @@
-"""The top-level workflow: one series workflow per MEGRE series."""
+"""The top-level workflow and the subject level: one series workflow per MEGRE series, grouped by
+subject and session."""
 import numpy as np
 from nipype.pipeline import engine as pe
 
@@ -68,7 +69,7 @@ def sidecars_for(series, *, bids_dir, phase_sign, unwrap, bgremove_method, inver
 
 
 def init_qsmprep_wf(*, series_list, settings, name='qsmprep_wf'):
-    """Every selected MEGRE series, each in its own ``series_wf`` named after its entities.
+    """One ``single_subject_wf`` per subject and session of the selected MEGRE series.
 
     ``settings``: the run's ``qsmprep.settings.Settings``.
 
@@ -76,6 +77,20 @@ def init_qsmprep_wf(*, series_list, settings, name='qsmprep_wf'):
     """
     qsmprep_wf = pe.Workflow(name=name)
     qsmprep_wf.base_dir = str(settings.work_dir)
+    groups = {}
+    for series in series_list:
+        groups.setdefault((series.entities['subject'], series.entities.get('session')), []).append(series)
+    for (subject, session), subject_series in groups.items():
+        label = f'sub_{subject}' + (f'_ses_{session}' if session else '')
+        qsmprep_wf.add_nodes([init_single_subject_wf(series_list=subject_series, settings=settings,
+                                                     name=f'{label}_wf')])
+    return qsmprep_wf
+
+
+def init_single_subject_wf(*, series_list, settings, name='single_subject_wf'):
+    """The MEGRE series of one subject and session, each in its own ``series_wf`` named after its
+    entities (one head orientation each, until orientations are combined here)."""
+    workflow = pe.Workflow(name=name)
     user_mask = str(settings.mask) if settings.mask else None
     for series in series_list:
         metadata, parameters = sidecars_for(series, bids_dir=settings.bids_dir, phase_sign=settings.phase_sign,
@@ -88,8 +103,8 @@ def init_qsmprep_wf(*, series_list, settings, name='qsmprep_wf'):
                                    user_mask=user_mask, masking=settings.masking,
                                    chi_separation=settings.chi_separation, omp_nthreads=settings.omp_nthreads,
                                    name=f'series_{series.workflow_name}_wf')
-        qsmprep_wf.add_nodes([series_wf])
-    return qsmprep_wf
+        workflow.add_nodes([series_wf])
+    return workflow
 
 
 def generated_by(container=None):
