@@ -2,8 +2,9 @@
 
 The BIDS App's ``--inversion`` and ``qsmprep-tools invert --method`` take their choices from
 ``INVERSIONS``, the Chimap sidecar its ``EstimationAlgorithm`` and fixed parameters, and the
-README its table of methods (``markdown_table``; a test keeps the README in step). The classical
-methods are solved by ``science.inversion.invert``, the learned ones by ``learned.models``.
+README its table of methods (``markdown_table``; a test keeps the README in step). ``invert``
+runs any of them: the classical ones through ``science.inversion.invert``, the learned ones
+through ``learned.models`` (imported only then, so that the classical pipeline needs no torch).
 """
 from dataclasses import dataclass, field
 
@@ -65,3 +66,33 @@ def markdown_table():
     lines = ['| `--inversion` | method | reference |', '|---|---|---|']
     lines += [f'| `{m.name}` | {m.summary} | {m.citation} |' for m in INVERSIONS.values()]
     return '\n'.join(lines)
+
+
+def invert(method, local_fields_ppm, mask, voxel_size, b0_dirs, magnitude=None, echo_times=None,
+           field_strength=None, threads=1):
+    """Susceptibility (ppm, referenced to its mean over ``mask``) by the registered ``method``, and
+    the parameters it chose (for the sidecar).
+
+    ``local_fields_ppm`` and ``b0_dirs`` (voxel axes): one per head orientation; the classical
+    methods take one. ``magnitude``: the data weight of the classical methods. ``echo_times`` (s)
+    and ``field_strength`` (T): needed by ``nltv``, whose data term is the field as phase.
+    ``threads``: torch's threads for a learned method (the FFTs take scipy's workers).
+    """
+    if INVERSIONS[method].learned:
+        import torch
+
+        from .learned.models import invert_with_shipped_lpcnn
+        torch.set_num_threads(max(1, threads))
+        chi, parameters = invert_with_shipped_lpcnn(list(local_fields_ppm), mask, voxel_size, list(b0_dirs))
+    else:
+        if len(local_fields_ppm) != 1:
+            raise ValueError(f'{method} inverts one local field; several orientations need '
+                             f'{" or ".join(LEARNED_INVERSIONS)}')
+        options = {}
+        if method == 'nltv':
+            if echo_times is None or field_strength is None:
+                raise ValueError('nltv needs the echo times and the field strength (its data term is phase)')
+            options['phase_scale_rad_per_ppm'] = inversion.phase_scale_rad_per_ppm(echo_times, field_strength)
+        chi, parameters = inversion.invert(local_fields_ppm[0], mask, voxel_size, b0_dirs[0], method=method,
+                                           magnitude=magnitude, **options)
+    return inversion.reference_to_mask_mean(chi, mask), parameters

@@ -10,11 +10,11 @@ import nibabel as nib
 import numpy as np
 import scipy.fft
 
-from .. import __version__
+from .. import __version__, methods
 from ..learned import missing_torch_message
 from ..methods import DEFAULT_INVERSION, INVERSIONS, LEARNED_INVERSIONS
 from ..nifti import on_same_grid, save_like
-from ..science import bgremove, chisep, echofit, inversion, masking, unwrap
+from ..science import bgremove, chisep, echofit, masking, unwrap
 from ..science.physics import b0_direction_from_affine, voxel_size_from_affine
 
 
@@ -89,42 +89,37 @@ def run_invert(args):
                         f'--method {" or ".join(LEARNED_INVERSIONS)}.')
     field, image = _load(args.local_fields[0], ndim=(3,))
     mask = _load_mask(args.mask, image, args.local_fields[0])
+    fields, images = [field], [image]
+    for path in args.local_fields[1:]:
+        other, other_image = _load(path, ndim=(3,))
+        if not on_same_grid(other_image, image):
+            raise ToolError(f'{path}: not on the grid of {args.local_fields[0]}; register and resample every '
+                            'orientation to one grid first.')
+        fields.append(other)
+        images.append(other_image)
+    magnitude, echo_times = None, None
     if args.method in LEARNED_INVERSIONS:
         torch_message = missing_torch_message(f'--method {args.method}')
         if torch_message:
             raise ToolError(torch_message)
-        fields, images = [field], [image]
-        for path in args.local_fields[1:]:
-            other, other_image = _load(path, ndim=(3,))
-            if not on_same_grid(other_image, image):
-                raise ToolError(f'{path}: not on the grid of {args.local_fields[0]}; register and resample every '
-                                'orientation to one grid first.')
-            fields.append(other)
-            images.append(other_image)
-        from ..learned.models import invert_with_shipped_lpcnn
-        chi, parameters = invert_with_shipped_lpcnn(fields, mask, voxel_size_from_affine(image.affine),
-                                                    _orientation_b0_dirs(args, images))
-        print(f'LP-CNN ({parameters["ModelTrainingSteps"]} training steps, sha256 {parameters["ModelSha256"][:12]}) '
-              f'on {len(fields)} orientation(s)')
-        _save(inversion.reference_to_mask_mean(chi, mask), image, args.output)
-        return
-    magnitude = None
-    if args.magnitude:
+    elif args.magnitude:
         magnitude, _ = _load(args.magnitude, ndim=(3, 4))
         magnitude = masking.combined_magnitude(magnitude) if magnitude.ndim == 4 else magnitude
-    options = {}
     if args.method == 'nltv':
         if not args.echo_times or args.field_strength is None:
             raise ToolError('--method nltv: give --echo-times (seconds) and --field-strength (tesla); the '
                             'nonlinear data term needs the field as phase.')
-        options['phase_scale_rad_per_ppm'] = inversion.phase_scale_rad_per_ppm(
-            _echo_times(args, len(args.echo_times), args.local_fields[0]), args.field_strength)
-    b0_dir = _orientation_b0_dirs(args, [image])[0]
-    chi, parameters = inversion.invert(field, mask, voxel_size_from_affine(image.affine), b0_dir,
-                                       method=args.method, magnitude=magnitude, **options)
-    for key, value in parameters.items():
-        print(f'{key}: {value:.4g}')
-    _save(inversion.reference_to_mask_mean(chi, mask), image, args.output)
+        echo_times = _echo_times(args, len(args.echo_times), args.local_fields[0])
+    chi, parameters = methods.invert(args.method, fields, mask, voxel_size_from_affine(image.affine),
+                                     _orientation_b0_dirs(args, images), magnitude=magnitude,
+                                     echo_times=echo_times, field_strength=args.field_strength)
+    if args.method in LEARNED_INVERSIONS:
+        print(f'LP-CNN ({parameters["ModelTrainingSteps"]} training steps, sha256 {parameters["ModelSha256"][:12]}) '
+              f'on {len(fields)} orientation(s)')
+    else:
+        for key, value in parameters.items():
+            print(f'{key}: {value:.4g}')
+    _save(chi, image, args.output)
 
 
 def run_bgremove(args):

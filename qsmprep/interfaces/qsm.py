@@ -13,9 +13,10 @@ import scipy.fft
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject, SimpleInterface,
                                     TraitedSpec, isdefined, traits)
 
-from ..methods import INVERSIONS, LEARNED_INVERSIONS
+from .. import methods
+from ..methods import INVERSIONS
 from ..nifti import save_like
-from ..science import bgremove, chisep, echofit, inversion, masking, unwrap
+from ..science import bgremove, chisep, echofit, masking, unwrap
 from ..science.physics import voxel_size_from_affine
 
 LOGGER = logging.getLogger('nipype.interface')
@@ -268,25 +269,13 @@ class Invert(_ThreadedInterface):
     def _compute(self):
         local_field, image = _load(self.inputs.local_field)
         mask = _load(self.inputs.mask, bool)[0]
-        if self.inputs.method in LEARNED_INVERSIONS:
-            import torch
-
-            from ..learned.models import invert_with_shipped_lpcnn
-            torch.set_num_threads(max(1, self.inputs.num_threads))
-            chi, parameters = invert_with_shipped_lpcnn(local_field, mask, voxel_size_from_affine(image.affine),
-                                                        self.inputs.b0_dir)
-            self._results['chi'] = _save(inversion.reference_to_mask_mean(chi, mask), image, 'chi.nii')
-            self._results['parameters'] = parameters
-            return
-        magnitude = _weighting_magnitude(self.inputs.magnitude)
-        options = {}
-        if self.inputs.method == 'nltv':
-            options['phase_scale_rad_per_ppm'] = inversion.phase_scale_rad_per_ppm(
-                self.inputs.echo_times, self.inputs.field_strength)
-        chi, parameters = inversion.invert(local_field, mask, voxel_size_from_affine(image.affine),
-                                           self.inputs.b0_dir, method=self.inputs.method, magnitude=magnitude,
-                                           **options)
-        chi = inversion.reference_to_mask_mean(chi, mask)
+        magnitude = None if INVERSIONS[self.inputs.method].learned else _weighting_magnitude(self.inputs.magnitude)
+        echo_times, field_strength = (value if isdefined(value) else None
+                                      for value in (self.inputs.echo_times, self.inputs.field_strength))
+        chi, parameters = methods.invert(self.inputs.method, [local_field], mask,
+                                         voxel_size_from_affine(image.affine), [self.inputs.b0_dir],
+                                         magnitude=magnitude, echo_times=echo_times, field_strength=field_strength,
+                                         threads=self.inputs.num_threads)
         self._results['chi'] = _save(chi, image, 'chi.nii')
         self._results['parameters'] = parameters
 
