@@ -78,8 +78,8 @@ def main(argv=None):
                      f'elsewhere, e.g. {settings.bids_dir / "derivatives" / "qsmprep"}.')
     try:
         series_list, errors = collect_megre_series(
-            settings.bids_dir, settings.participant_label, settings.session_label, validate=not settings.skip_bids_validation,
-            field_strength_override=settings.field_strength)
+            settings.bids_dir, settings.participant_label, settings.session_label,
+            validate=not settings.skip_bids_validation, field_strength_override=settings.field_strength)
     except InputError as error:
         return _fail(str(error))
     for message in errors:
