@@ -36,11 +36,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.pipeline_benchmark import STAGES, node_runtime, run_measured  # noqa: E402
-from benchmarks.simulate_bids import (ECHO_TIMES_S, head_phantom, simulate_megre, tilted_affine,  # noqa: E402
+from benchmarks.simulate_bids import (echo_times_for, head_phantom, simulate_megre, tilted_affine,  # noqa: E402
                                       write_dataset_description, write_subject)
 from qsmprep.science import bgremove, inversion, masking, metrics  # noqa: E402
 
-ECHO_TIMES_7T_S = (0.003, 0.008, 0.013, 0.018, 0.023)
 HAEMORRHAGE = ((28.0, -12.0, 18.0), (7.0, 6.0, 6.0), 1.2, 90.0)  # MNI centre, radii mm, chi ppm, R2* 1/s at 3 T
 HEADS = {
     '01': dict(description='3 T upright', voxel_size=1.5, seed=2),
@@ -63,7 +62,7 @@ HEADS = {
 def simulate_head(settings):
     """Phantom, affine, MEGRE signal with its true fields, echo times and field strength of one head."""
     field_strength = settings.get('field_strength', 3.0)
-    echo_times = ECHO_TIMES_7T_S if field_strength > 5 else ECHO_TIMES_S
+    echo_times = echo_times_for(field_strength)
     phantom, affine = head_phantom(settings['voxel_size'], seed=settings['seed'],
                                    scale=settings.get('scale', (1.0, 1.0, 1.0)), lesions=settings.get('lesions', ()),
                                    bias=settings.get('bias', ('linear', 0.3)), field_strength_t=field_strength)

@@ -57,9 +57,9 @@ def run_measured(command, poll_seconds=0.2):
         while process.poll() is None:
             try:
                 total = sum(p.memory_info().rss for p in [parent] + parent.children(recursive=True))
-            except psutil.Error:  # a worker ended between listing and reading
-                continue
-            peak[0] = max(peak[0], total)
+                peak[0] = max(peak[0], total)
+            except psutil.Error:  # a worker ended between listing and reading: read again next time
+                pass
             time.sleep(poll_seconds)
 
     started = time.time()

@@ -35,6 +35,7 @@ MNI_FILES = {
     'wm': 'mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz',
 }
 ECHO_TIMES_S = (0.004, 0.010, 0.016, 0.022, 0.028)
+ECHO_TIMES_7T_S = (0.003, 0.008, 0.013, 0.018, 0.023)
 FIELD_STRENGTH_T = 3.0
 REPETITION_TIME_S = 0.05
 FLIP_ANGLE_DEG = 15.0
@@ -60,6 +61,11 @@ BONE_MM, SCALP_MM = 6.0, 5.0
 # Air pockets in the skull: MNI centre (mm), radii (mm): frontal sinus, sphenoid sinus, both mastoids.
 AIR_POCKETS = (((0, 72, 0), (12, 5, 9)), ((0, 16, -40), (12, 10, 8)), ((60, -25, -42), (8, 10, 8)),
                ((-60, -25, -42), (8, 10, 8)))
+
+
+def echo_times_for(field_strength_t):
+    """The simulated echo times (s) at a field strength: shorter at 7 T, where T2* is shorter."""
+    return ECHO_TIMES_7T_S if field_strength_t > 5 else ECHO_TIMES_S
 
 
 def load_mni_maps(voxel_size_mm, scale=(1.0, 1.0, 1.0)):

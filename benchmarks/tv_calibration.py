@@ -18,10 +18,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.chain import run_chain  # noqa: E402
-from benchmarks.simulate_bids import ECHO_TIMES_S, head_phantom, simulate_megre, tilted_affine  # noqa: E402
+from benchmarks.simulate_bids import echo_times_for, head_phantom, simulate_megre, tilted_affine  # noqa: E402
 from qsmprep.science import inversion, metrics  # noqa: E402
 
-ECHO_TIMES_7T_S = (0.003, 0.008, 0.013, 0.018, 0.023)
 # name: seed, tilt (degrees), field strength (T), peak SNR
 HEADS = {
     '3T upright SNR 100': (0, 0.0, 3.0, 100.0),
@@ -43,7 +42,7 @@ def fields(voxel_size_mm):
     for name, (seed, tilt, field_strength, snr) in HEADS.items():
         phantom, affine = head_phantom(voxel_size_mm, seed=seed)
         affine = tilted_affine(affine, tilt)
-        echo_times = ECHO_TIMES_7T_S if field_strength > 5 else ECHO_TIMES_S
+        echo_times = echo_times_for(field_strength)
         megre = simulate_megre(phantom, affine, echo_times, field_strength, peak_snr=snr, seed=seed)
         voxel_size = np.linalg.norm(affine[:3, :3], axis=0)
         brain = phantom['brain_mask']

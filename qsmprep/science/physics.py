@@ -64,25 +64,24 @@ def dipole_kernel(shape, voxel_size, b0_dir, real=True, voxel_averaged=True):
     ``voxel_averaged`` (the default) gives the kernel that maps susceptibility constant within
     each voxel to the field averaged over each voxel, as a scanner measures it: D at every
     frequency that aliases onto a grid frequency (k + m / voxel_size), weighted by the voxel's
-    box response sinc^2. Without it D is sampled at the grid frequencies
-    alone, which for an oblique B0 is discontinuous across the Nyquist frequency (k and k - 1/d
-    are one sample but D differs): on a 2 mm head tilted by 18 degrees that kernel's field was
-    9.6 % off the voxel-averaged field, against 2.5 % upright, and TV from the true local field
-    was 26 % against 21 % with the averaged kernel. Simulations that average a finer grid
-    themselves use the point kernel on it.
+    box response sinc^2. Without it D is sampled at the grid frequencies alone, which for an
+    oblique B0 is discontinuous across the Nyquist frequency (k and k - 1/d are one sample but
+    D differs; benchmarks/NOTES.md). Simulations that average a finer grid themselves use the
+    point kernel on it.
     """
     b0_dir = np.asarray(b0_dir, dtype=np.float64)
     b0_dir = b0_dir / np.linalg.norm(b0_dir)
     frequencies = kspace_grid(shape, voxel_size, real=real)
-    if not voxel_averaged:
-        return _point_dipole_kernel(frequencies, b0_dir)
-    # Per axis the frequency itself and its nearest alias on the other side of the Nyquist
-    # frequency carry at least 81 % of the box response's weight (all of it at k = 0 and 0.81 at
-    # the Nyquist frequency, where the two are a symmetric pair); the weights are normalised.
-    candidates = []
-    for k, d in zip(frequencies, voxel_size):
-        alias = k - np.sign(k) / np.float32(d)
-        candidates.append([(k, np.sinc(k * d) ** 2), (alias, np.where(k == 0, 0, np.sinc(alias * d) ** 2))])
+    if voxel_averaged:
+        # Per axis the frequency itself and its nearest alias on the other side of the Nyquist
+        # frequency carry at least 81 % of the box response's weight (all of it at k = 0 and 0.81
+        # at the Nyquist frequency, where the two are a symmetric pair); the weights are normalised.
+        candidates = []
+        for k, d in zip(frequencies, voxel_size):
+            alias = k - np.sign(k) / np.float32(d)
+            candidates.append([(k, np.sinc(k * d) ** 2), (alias, np.where(k == 0, 0, np.sinc(alias * d) ** 2))])
+    else:
+        candidates = [[(k, np.ones_like(k))] for k in frequencies]
     # kernel = 1/3 - sum_c w_c (k_c.h)^2 / |k_c|^2 / sum_c w_c; the weights are products of one
     # factor per axis, so their sum is too. Accumulated in place: the grid can hold 10^8 entries.
     shape = np.broadcast_shapes(*(k.shape for k in frequencies))
@@ -101,22 +100,12 @@ def dipole_kernel(shape, voxel_size, b0_dir, real=True, voxel_averaged=True):
         k_dot_h *= w2.astype(np.float32)
         ratio_sum += k_dot_h
     total_weight = 1
-    for (_, weight), (_, alias_weight) in candidates:
-        total_weight = total_weight * (weight + alias_weight).astype(np.float32)
+    for weights in candidates:
+        total_weight = total_weight * sum(weight for _, weight in weights).astype(np.float32)
     ratio_sum /= total_weight
     kernel = np.subtract(np.float32(1.0 / 3.0), ratio_sum, out=ratio_sum)
     kernel[0, 0, 0] = 0.0
     return kernel
-
-
-def _point_dipole_kernel(frequencies, b0_dir):
-    """1/3 - (k.h)^2/|k|^2 at the given frequencies (broadcast per axis), 0 at k = 0."""
-    kx, ky, kz = frequencies
-    k_dot_h = kx * np.float32(b0_dir[0]) + ky * np.float32(b0_dir[1]) + kz * np.float32(b0_dir[2])
-    k_squared = kx ** 2 + ky ** 2 + kz ** 2
-    with np.errstate(divide='ignore', invalid='ignore'):
-        kernel = np.float32(1.0 / 3.0) - k_dot_h ** 2 / k_squared
-    return np.where(k_squared > 0, kernel, np.float32(0.0)).astype(np.float32)
 
 
 def anisotropic_field(anisotropy_ppm, fibre_directions, voxel_size, b0_dir, pad_factor=1.5):
