@@ -33,7 +33,7 @@ from qsmprep.learned.lpcnn import lpcnn_invert  # noqa: E402
 from qsmprep.learned.models import SHIPPED_LPCNN, load_model, read_card  # noqa: E402
 from qsmprep.learned.simulate import (HEAD_B0_TILT_DEG, VALIDATION_STREAM, SimulationConfig,  # noqa: E402
                                       simulate_batch, simulate_head)
-from qsmprep.learned.train import simulation_config  # noqa: E402
+from qsmprep.learned.recipe import simulation_config  # noqa: E402
 from qsmprep.science import metrics  # noqa: E402
 
 HELD_OUT_SEEDS = (10, 11, 12)

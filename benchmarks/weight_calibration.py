@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.simulate_bids import CHI_AIR, head_phantom, tilted_affine, voxel_averaged_field  # noqa: E402
 from qsmprep.learned.phantoms import FIBRE_SMOOTHING_MM, random_fibre_directions  # noqa: E402
 from qsmprep.science import bgremove, inversion, metrics  # noqa: E402
-from qsmprep.science.masking import bounding_box  # noqa: E402
-from qsmprep.science.physics import anisotropic_field, b0_direction_from_affine, padded_shape  # noqa: E402
+from qsmprep.science.masking import mask_box  # noqa: E402
+from qsmprep.science.physics import (anisotropic_field, b0_direction_from_affine, dipole_kernel,  # noqa: E402
+                                     padded_shape)
 
 ANISOTROPIES_PPM = (0.0, 0.015)
 NOISE_PPM = (0.001, 0.004)
@@ -42,12 +43,12 @@ TV_RATIOS_TO_GCV = (0.4, 1.0, 2.5, 6.3, 16.0)
 
 def l2_study(field, mask, voxel_size, b0_dir, reference):
     """Per weight of STUDY_LAMBDAS: L2's NRMSE, GCV score, residual and penalty norms."""
-    box = bounding_box(mask, margin=inversion.CROP_MARGIN_VOXELS)
+    box = mask_box(mask, voxel_size, inversion.CROP_MARGIN_MM, inversion.CROP_MARGIN_MIN_VOXELS)
     field, mask, reference = field[box], mask[box], reference[box]
     fft_shape = padded_shape(mask.shape, factor=inversion.LINEAR_PAD_FACTOR, multiple=2)
     scale = float(np.sqrt(np.mean(field[mask] ** 2)))
     spectrum = scipy.fft.rfftn(np.where(mask, field, 0) / scale, s=fft_shape)
-    kernel = inversion.dipole_kernel(fft_shape, voxel_size, b0_dir)
+    kernel = dipole_kernel(fft_shape, voxel_size, b0_dir)
     gradient_spectrum = inversion.laplacian_spectrum(fft_shape, voxel_size)
     norm_weights = inversion.rfft_norm_weights(fft_shape)
     power = (np.abs(spectrum) ** 2 * norm_weights).astype(np.float32)

@@ -19,7 +19,7 @@ ALLOWED = {
     'settings': {'science', 'methods', 'settings'},
     'nifti': {'nifti'},
     'bids': {'science', 'nifti', 'bids'},
-    'interfaces': {'science', 'learned', 'methods', 'nifti', 'interfaces'},
+    'interfaces': {'science', 'learned', 'methods', 'settings', 'nifti', 'bids', 'interfaces'},
     'workflows': {'science', 'learned', 'methods', 'settings', 'nifti', 'bids', 'interfaces', 'workflows'},
     'cli': {'science', 'learned', 'methods', 'settings', 'nifti', 'bids', 'interfaces', 'workflows', 'cli'},
 }

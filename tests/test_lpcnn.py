@@ -400,30 +400,30 @@ def test_load_model_refuses_weights_that_do_not_match_the_card(tmp_path):
 
 
 def test_shipped_model_matches_its_card_and_reproduces_its_validation_scores():
-    from qsmprep.learned import models, train
+    from qsmprep.learned import models, recipe as recipes, validation
 
     card, _ = models.read_card(models.SHIPPED_LPCNN)
     recipe = card['recipe']
     assert card['weights']['sha256'] == models.sha256_of(models.SHIPPED_LPCNN / card['weights']['file'])
     assert card['generator']['version'] == simulate.GENERATOR_VERSION
     model = models.shipped_lpcnn()
-    config = train.simulation_config(recipe)
+    config = recipes.simulation_config(recipe)
     # The first held-out patches, drawn as the training command draws them.
     for index in range(2):
         sample = simulate.simulate_batch(recipe['seed'], index, 1, recipe['validation_patch_size'], config,
                                          simulate.VALIDATION_STREAM)[0]
-        score = train.validate(model, [sample], torch.device('cpu'), recipe['loss'])['validation_nrmse']
+        score = validation.validate(model, [sample], torch.device('cpu'), recipe['loss'])['validation_nrmse']
         assert score == pytest.approx(card['validation']['nrmse_percent_per_patch'][index], abs=0.05)
 
 
 def test_shipped_model_beats_tkd_on_brain_like_phantoms_it_was_not_trained_on():
-    from qsmprep.learned import models, train
+    from qsmprep.learned import models, recipe
 
     card, _ = models.read_card(models.SHIPPED_LPCNN)
     model = models.shipped_lpcnn()
     # Brain-like patches with one orientation and no residual background, from a seed (7) that
     # neither the training nor its validation (seed 0) drew from.
-    config = dataclasses.replace(train.simulation_config(card['recipe']), brain_fraction=1.0, max_orientations=1,
+    config = dataclasses.replace(recipe.simulation_config(card['recipe']), brain_fraction=1.0, max_orientations=1,
                                  background_max_ppm=0.0)
     learned, truncated = [], []
     for index in range(6):

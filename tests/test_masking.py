@@ -98,3 +98,14 @@ def test_filled_holes_matches_ndimage_when_the_mask_touches_the_edge():
     mask = rng.random((20, 18, 16)) > 0.35
     mask[0] = True  # background regions open only towards the image's edge are not holes
     assert np.array_equal(masking.filled_holes(mask), ndimage.binary_fill_holes(mask))
+
+
+def test_mask_box_gives_the_same_room_in_mm_along_every_axis():
+    mask = np.zeros((40, 40, 40), dtype=bool)
+    mask[15:25, 15:25, 15:25] = True
+    # A float32 affine's voxel size may be a hair under 1 mm: still 8 voxels, not 9.
+    box = masking.mask_box(mask, (0.99999997, 2.0, 3.0), 8.0)
+    assert [(s.start, s.stop) for s in box] == [(7, 33), (11, 29), (12, 28)]
+    assert masking.mask_box(mask, (1.0, 1.0, 1.0), 30.0) == (slice(0, 40),) * 3
+    box = masking.mask_box(mask, (0.5, 2.0, 3.0), 8.0, min_voxels=8)
+    assert [(s.start, s.stop) for s in box] == [(0, 40), (7, 33), (7, 33)]

@@ -60,6 +60,42 @@ def test_dipole_operator_adjoint():
     assert np.isclose(np.vdot(operator.forward(x), y), np.vdot(x, operator.adjoint(y)), rtol=1e-4)
 
 
+OBLIQUE_DIRECTIONS = np.array([[0.0, 0.0, 1.0], [0.3, 0.1, 0.95], [-0.5, 0.2, 0.8]])
+
+
+def test_isotropic_tensor_has_the_scalar_field_in_every_orientation():
+    # chi I in the tensor model is scalar susceptibility chi: a wrong diagonal component or term
+    # breaks the equality (the off-diagonal ones are checked by the anisotropic field below).
+    rng = np.random.default_rng(4)
+    shape, voxel_size = (14, 12, 10), (0.9, 1.0, 1.4)
+    chi = rng.normal(size=shape).astype(np.float32)
+    isotropic = np.zeros((6,) + shape, dtype=np.float32)
+    isotropic[[0, 3, 5]] = chi
+    for voxel_averaged in (True, False):
+        scalar = DipoleOperator(shape, voxel_size, OBLIQUE_DIRECTIONS, 1.5, voxel_averaged).forward(chi)
+        tensor = DipoleOperator(shape, voxel_size, OBLIQUE_DIRECTIONS, 1.5, voxel_averaged, tensor=True)
+        assert scalar.shape == (3,) + shape
+        assert np.allclose(tensor.forward(isotropic), scalar, atol=1e-5 * np.abs(scalar).max())
+
+
+def test_operator_adjoint_batch_and_torch_for_scalar_and_tensor():
+    import torch
+    rng = np.random.default_rng(5)
+    shape, voxel_size = (12, 10, 14), (1, 1.2, 0.9)
+    for tensor in (False, True):
+        operator = DipoleOperator(shape, voxel_size, OBLIQUE_DIRECTIONS, pad_factor=1.5, tensor=tensor)
+        x = rng.normal(size=((6,) if tensor else ()) + shape).astype(np.float32)
+        y = rng.normal(size=(3,) + shape).astype(np.float32)
+        fields = operator.forward(x)
+        assert fields.shape == y.shape and operator.adjoint(y).shape == x.shape
+        assert np.isclose(np.vdot(fields, y), np.vdot(x, operator.adjoint(y)), rtol=1e-4)
+        single = DipoleOperator(shape, voxel_size, OBLIQUE_DIRECTIONS[2], pad_factor=1.5, tensor=tensor)
+        assert np.allclose(single.forward(x), fields[2])
+        assert np.allclose(operator.forward(np.stack([x, 2 * x]))[1], 2 * fields, atol=1e-6)
+        in_torch = operator.normal(torch.from_numpy(x)).numpy()
+        assert np.allclose(in_torch, operator.normal(x), atol=1e-5 * np.abs(in_torch).max())
+
+
 def test_anisotropic_field_of_fibres_along_and_across_b0_is_a_multiple_of_the_dipole_field():
     # For the tensor a (n n^T - I/3), n = h gives h^T X h = 2a/3 and X h = 2a h/3: 2/3 of the
     # dipole field of a; n across h gives -1/3 of it. A wrong sign, axis or factor breaks both.

@@ -22,7 +22,7 @@ def _fail(message, code=1):
 
 def write_dataset_description(output_dir, bids_dir):
     from ..interfaces.derivatives import BIDSIGNORE
-    from ..workflows.base import generated_by
+    from ..interfaces.derivatives import generated_by
 
     output_dir.mkdir(parents=True, exist_ok=True)
     description = {

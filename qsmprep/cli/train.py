@@ -7,6 +7,7 @@ from pathlib import Path
 from ..learned import train as training
 from ..learned.lpcnn import INITIAL_ESTIMATES, INITIAL_L2_WEIGHT, PRECISIONS
 from ..learned.models import CARD_NAME
+from ..learned.recipe import DEFAULT_INITIAL_ESTIMATE
 from ..learned.simulate import SimulationConfig
 from .parser import positive_int
 
@@ -68,19 +69,17 @@ def _build_parser():
     model.add_argument('--initial-estimate', choices=INITIAL_ESTIMATES,
                        help='starting estimate: the closed-form L2 solution of all orientations with a learned '
                             'weight (l2) or the weight GCV picks for each sample (l2_gcv), or 0 (the paper); '
-                            f'default: a fresh run {training.DEFAULT_INITIAL_ESTIMATE}, a resumed run its checkpoint\'s')
+                            f'default: a fresh run {DEFAULT_INITIAL_ESTIMATE}, a resumed run its checkpoint\'s')
     model.add_argument('--initial-l2-weight', type=float, default=INITIAL_L2_WEIGHT,
                        help="initial value of the L2 starting estimate's learned gradient-penalty weight")
 
     optimisation = lpcnn.add_argument_group('optimisation')
     optimisation.add_argument('--batch-size', type=positive_int, default=4, help='patches per step')
-    # The model trained on 32^3 shrank a whole simulated head's susceptibility by a factor 1.31
-    # (least-squares scale to the truth); resumed on 64^3 for 1678 steps, by 1.24. Most of the
-    # shrinkage came from too strong a residual background (see SimulationConfig), not the size.
+    # Small patches shrank whole heads' contrast somewhat (benchmarks/NOTES.md).
     optimisation.add_argument('--patch-size', type=positive_int, default=64, help='patch edge in voxels')
     optimisation.add_argument('--learning-rate', type=float, default=1e-4, help='Adam learning rate')
-    # Without clipping, a batch with a strong calcification or vein (errors of several ppm) took
-    # a CPU run at learning rate 5e-4 from 66 back to 73 % validation NRMSE within 100 steps.
+    # Without clipping, one batch with a strong calcification or vein (errors of several ppm)
+    # can undo hundreds of steps.
     optimisation.add_argument('--gradient-clip', type=float, default=1.0,
                               help='largest gradient norm of a step (0: no clipping)')
     optimisation.add_argument('--loss', choices=('mse', 'l1'), default='mse',
@@ -90,14 +89,11 @@ def _build_parser():
                               help='held-out simulated patches scored at each checkpoint')
     optimisation.add_argument('--validation-patch-size', type=positive_int, default=48,
                               help='edge in voxels of the held-out patches')
-    # At 1.5 mm a head is about 110^3 voxels: 11 s to simulate once (9 s of it the phantom, which
-    # a head's undisturbed twin shares), 10-20 s of CPU per checkpoint.
+    # At 1.5 mm a head costs 11 s to simulate once and 10-20 s of CPU per checkpoint.
     optimisation.add_argument('--validation-head-voxel-size', type=float, default=1.5,
                               help='voxel size in mm of the whole simulated brains scored at each checkpoint '
                                    '(0: none)')
-    # One head alone is too noisy to choose a model by: while the held-out patches improved
-    # steadily (the shipped model's fine-tuning from 7300 to 8357 steps), one head scored 53.0,
-    # 51.6, 52.7, 53.3, 52.1 and 52.8 % NRMSE at successive checkpoints.
+    # One head alone is too noisy to choose a model by (benchmarks/NOTES.md).
     optimisation.add_argument('--validation-heads', type=positive_int, default=3,
                               help='whole simulated brains (seeds SEED, SEED+1, ...) scored at each checkpoint, '
                                    'each without and with noise, residual background and anisotropy')

@@ -247,10 +247,12 @@ class RemoveBackground(_ThreadedInterface):
 
 
 class _InvertInputSpec(_ThreadedInputSpec):
-    local_field = File(exists=True, mandatory=True, desc='ppm')
+    local_fields = InputMultiObject(File(exists=True), mandatory=True,
+                                    desc='ppm, one per head orientation, all on the grid of the mask')
     mask = File(exists=True, mandatory=True)
     magnitude = File(exists=True, desc='magnitude weighting (4-D: combined over echoes)')
-    b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc='in voxel axes')
+    b0_dirs = traits.List(traits.List(traits.Float, minlen=3, maxlen=3), mandatory=True,
+                          desc='one B0 direction per local field, in the voxel axes of the mask')
     method = traits.Enum(*INVERSIONS, usedefault=True)
     echo_times = traits.List(traits.Float, desc='seconds; nltv expresses the field as phase at their mean')
     field_strength = traits.Float(desc='tesla; needed by nltv')
@@ -262,18 +264,19 @@ class _InvertOutputSpec(TraitedSpec):
 
 
 class Invert(_ThreadedInterface):
-    """Dipole inversion followed by referencing to the mean over the mask."""
+    """Dipole inversion of one or several orientations' local fields, referenced to the mean over
+    the mask."""
     input_spec = _InvertInputSpec
     output_spec = _InvertOutputSpec
 
     def _compute(self):
-        local_field, image = _load(self.inputs.local_field)
-        mask = _load(self.inputs.mask, bool)[0]
+        mask, image = _load(self.inputs.mask, bool)
+        local_fields = [_load(path)[0] for path in self.inputs.local_fields]
         magnitude = None if INVERSIONS[self.inputs.method].learned else _weighting_magnitude(self.inputs.magnitude)
         echo_times, field_strength = (value if isdefined(value) else None
                                       for value in (self.inputs.echo_times, self.inputs.field_strength))
-        chi, parameters = methods.invert(self.inputs.method, [local_field], mask,
-                                         voxel_size_from_affine(image.affine), [self.inputs.b0_dir],
+        chi, parameters = methods.invert(self.inputs.method, local_fields, mask,
+                                         voxel_size_from_affine(image.affine), self.inputs.b0_dirs,
                                          magnitude=magnitude, echo_times=echo_times, field_strength=field_strength,
                                          threads=self.inputs.num_threads)
         self._results['chi'] = _save(chi, image, 'chi.nii')

@@ -5,10 +5,10 @@ The susceptibility estimate is updated by unrolled proximal gradient steps on th
 
     chi_0 = M L2(f),    chi_{k+1} = M P_theta(M (chi_k - alpha / N sum_i D_i^T M (D_i chi_k - f_i)))
 
-- D_i is the dipole convolution of orientation i (its own B0 direction and the voxel size), on a
-  zero-padded FFT grid so that it does not wrap around; the kernel is
-  ``qsmprep.science.physics.dipole_kernel`` sampled at the grid frequencies (``voxel_averaged=False``,
-  the kernel the networks were trained with).
+- D_i is the dipole convolution of orientation i (its own B0 direction and the voxel size),
+  ``qsmprep.science.physics.DipoleOperator`` on a zero-padded FFT grid so that it does not wrap
+  around, with the kernel sampled at the grid frequencies (``voxel_averaged=False``, the kernel
+  the networks were trained with).
 - M is the brain mask: the local field is data only inside it, and the susceptibility that
   produces the local field lies inside it, so the estimate is kept at 0 outside.
 - The gradient is averaged over the N orientations (not summed, as in the paper), so that one
@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from qsmprep.science.inversion import CROP_MARGIN_VOXELS, L2_LAMBDAS, rfft_norm_weights, laplacian_spectrum
-from qsmprep.science.masking import bounding_box
-from qsmprep.science.physics import dipole_kernel, padded_shape
+from qsmprep.science.inversion import (CROP_MARGIN_MIN_VOXELS, CROP_MARGIN_MM, L2_LAMBDAS, laplacian_spectrum,
+                                       rfft_norm_weights)
+from qsmprep.science.masking import mask_box
+from qsmprep.science.physics import DipoleOperator, convolve
 
 NETWORK_UNITS_PER_PPM = 10.0
 # Padding factor of the FFT grid of the dipole convolution (CONVENTIONS.md: at least 1.5).
@@ -45,15 +46,11 @@ PAD_FACTOR = 1.5
 # constant is at most 4/9, so gradient descent is stable for steps below 4.5; 2 is a cautious start.
 INITIAL_STEP_SIZE = 2.0
 INITIAL_ESTIMATES = ('l2', 'l2_gcv', 'zero')
-# Initial weight of the gradient penalty of the L2 starting estimate (|F grad|^2 in mm^-2); the
-# weight is learned from there. On the training's 16 held-out patches the L2 solution alone
-# scored 69, 63, 59, 60 and 65 % NRMSE with weights 0.001, 0.003, 0.01, 0.03 and 0.1.
+# Initial weight of the gradient penalty of the L2 starting estimate (|F grad|^2 in mm^-2), the
+# best of five on held-out patches; the weight is learned from there.
 INITIAL_L2_WEIGHT = 1e-2
-# Edge length in voxels of the tiles that the CNN is applied on at inference (memory bound).
-# Each tile is read with a halo of the receptive radius (18 voxels for 8 blocks): with 96-voxel
-# tiles a 144x160x136 box took 2.7 times as long on the CPU as in one piece (which peaked at
-# 1.4 GB). A 192-voxel tile holds a 1 mm brain's box along most axes, and its largest read,
-# 228^3 voxels, stays near 5 GB at about 450 bytes per voxel.
+# Edge length in voxels of the tiles that the CNN is applied on at inference (memory bound):
+# it holds a 1 mm brain's box along most axes, and smaller tiles cost time in their halos.
 DEFAULT_TILE = 192
 FFT_DIMS = (-3, -2, -1)
 PRECISIONS = ('auto', 'float32', 'bfloat16')
@@ -68,12 +65,10 @@ def uses_bfloat16(precision, device):
     """Whether the proximal CNN runs in bfloat16 on ``device`` for ``precision`` ('auto': on a CPU
     with bfloat16 instructions, AVX512-BF16 or AMX, and nowhere else).
 
-    On this machine's AVX512-BF16 CPU (2 cores) bfloat16 made the CNN 1.9 times as fast at
-    inference (128^3, in channels-last layout: 3.2 against 6.1 s) and a training step on two
-    64^3 patches 2.2 times as fast (1.6 against 3.6 s), and changed its correction by 0.4 % (the
-    norm of the difference over the norm of the correction). The dipole convolutions, the
-    starting estimate and the sums stay in float32. A CPU without those instructions emulates
-    bfloat16 slowly, and no GPU has been measured, so 'auto' keeps float32 there.
+    On an AVX512-BF16 CPU bfloat16 makes the CNN about twice as fast and changes its correction
+    by 0.4 % (benchmarks/NOTES.md). The dipole convolutions, the starting estimate and the sums
+    stay in float32. A CPU without those instructions emulates bfloat16 slowly, and no GPU has
+    been measured, so 'auto' keeps float32 there.
     """
     if precision not in PRECISIONS:
         raise ValueError(f'precision {precision!r} is not one of {PRECISIONS}')
@@ -84,43 +79,34 @@ def uses_bfloat16(precision, device):
 
 
 class TorchDipoleOperator:
-    """Dipole convolutions of a batch of volumes, each with its own voxel size and B0 directions.
+    """A batch of ``physics.DipoleOperator`` in torch, each volume with its own voxel size and B0
+    directions: the operator of a training batch of patches.
 
     ``voxel_sizes`` is (B, 3) and ``b0_dirs`` (B, N, 3) for B volumes of ``shape`` with N
     orientations each. ``forward`` maps susceptibility (B, 1, *shape) to fields (B, N, *shape);
     ``adjoint`` maps fields (B, N, *shape) back to (B, 1, *shape), summing the orientations.
-    With ``pad_factor`` > 1 the grid is zero-padded as ``physics.DipoleOperator`` pads it, so
-    each orientation's operator equals that numpy operator.
+    The kernel is point-sampled (``voxel_averaged=False``): the one the shipped networks were
+    trained with.
     """
 
     def __init__(self, shape, voxel_sizes, b0_dirs, pad_factor=PAD_FACTOR, device=None):
-        self.shape = tuple(int(n) for n in shape)
-        self.fft_shape = padded_shape(self.shape, pad_factor) if pad_factor > 1 else self.shape
         voxel_sizes = np.asarray(voxel_sizes, dtype=float).reshape(-1, 3)
-        b0_dirs = np.asarray(b0_dirs, dtype=float)
-        b0_dirs = b0_dirs.reshape((voxel_sizes.shape[0], -1, 3))
-        # The point-sampled kernel: the one the shipped networks were trained with.
-        kernels = [[dipole_kernel(self.fft_shape, voxel_size, b0_dir, voxel_averaged=False)
-                    for b0_dir in directions] for voxel_size, directions in zip(voxel_sizes, b0_dirs)]
-        self.kernels = torch.from_numpy(np.asarray(kernels, dtype=np.float32)).to(device)
+        b0_dirs = np.asarray(b0_dirs, dtype=float).reshape((voxel_sizes.shape[0], -1, 3))
+        operators = [DipoleOperator(shape, voxel_size, directions, pad_factor=pad_factor, voxel_averaged=False)
+                     for voxel_size, directions in zip(voxel_sizes, b0_dirs)]
+        self.shape, self.fft_shape = operators[0].shape, operators[0].fft_shape
+        self.kernels = torch.from_numpy(np.stack([operator.kernel for operator in operators])).to(device)
         gradient_spectra = [laplacian_spectrum(self.fft_shape, voxel_size)[np.newaxis] for voxel_size in voxel_sizes]
         self.gradient_spectra = torch.from_numpy(np.asarray(gradient_spectra, dtype=np.float32)).to(device)
         self.orientations = b0_dirs.shape[1]
 
-    def _crop(self, volumes):
-        return volumes[..., :self.shape[0], :self.shape[1], :self.shape[2]]
-
-    def _convolve(self, volumes):
-        spectrum = torch.fft.rfftn(volumes, s=self.fft_shape, dim=FFT_DIMS)
-        return self._crop(torch.fft.irfftn(spectrum * self.kernels, s=self.fft_shape, dim=FFT_DIMS))
-
     def forward(self, chi):
         """Fields (B, N, *shape) of susceptibility ``chi`` (B, 1, *shape)."""
-        return self._convolve(chi)
+        return convolve(chi, self.kernels, self.shape, self.fft_shape)
 
     def adjoint(self, fields):
-        """Adjoint of ``forward``: each kernel is real and even, so the same convolution, summed."""
-        return self._convolve(fields).sum(dim=1, keepdim=True)
+        """Adjoint of ``forward``: the same convolutions, summed over the orientations."""
+        return convolve(fields, self.kernels, self.shape, self.fft_shape).sum(dim=1, keepdim=True)
 
     def gcv_l2_weight(self, fields, weights):
         """Per volume, the L2 weight chosen by generalised cross-validation (Golub et al. 1979):
@@ -128,12 +114,8 @@ class TorchDipoleOperator:
         ``inversion._l2_gcv_weight`` picks on this grid, and the smallest of those is returned,
         as a (B, 1, 1, 1, 1) tensor.
 
-        GCV on all orientations at once chose 2 to 18 times larger weights than the best, as if
-        their disagreement outside the mask (where the data are zeros) were noise: over the 14
-        multi-orientation patches among the first 24 held-out patches of 48^3 (the training's
-        default simulation), the L2 start scored 46.5 % NRMSE with the joint choice, 44.7 % with
-        the first orientation's, 44.6 % with the smallest, 45.5 % with a fixed 0.0125 and 44.5 %
-        with the best weight of each patch.
+        GCV on all orientations at once chooses weights far too large, as if their disagreement
+        outside the mask (where the data are zeros) were noise (benchmarks/NOTES.md).
         """
         spectra = torch.fft.rfftn(fields, s=self.fft_shape, dim=FFT_DIMS)
         power = spectra.abs().square()
@@ -164,7 +146,8 @@ class TorchDipoleOperator:
         denominator = (self.kernels ** 2).sum(dim=1, keepdim=True) + weight * self.gradient_spectra
         # Only k = 0 has both terms zero; there the numerator is 0 too (D(0) = 0).
         denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-        return self._crop(torch.fft.irfftn(numerator / denominator, s=self.fft_shape, dim=FFT_DIMS))
+        solution = torch.fft.irfftn(numerator / denominator, s=self.fft_shape, dim=FFT_DIMS)
+        return solution[..., :self.shape[0], :self.shape[1], :self.shape[2]]
 
 
 class ResidualBlock(nn.Module):
@@ -202,8 +185,7 @@ class ProximalCNN(nn.Module):
 
     def forward(self, estimate_and_mask):
         """(B, 2, ...) estimate and mask in, (B, 1, ...) corrected estimate out (float32)."""
-        # The channels-last layout gives the same result faster on the CPU: 6.1 against 8.3 s
-        # for a 128^3 volume, and a training step 1.7 times as fast.
+        # The channels-last layout gives the same result faster on the CPU.
         estimate_and_mask = estimate_and_mask.contiguous(memory_format=torch.channels_last_3d)
         features = torch.relu(self.input_conv(estimate_and_mask))
         return estimate_and_mask[:, :1] + self.output_conv(self.blocks(features)).float()
@@ -311,10 +293,7 @@ def lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, device=None
     model's estimate of the point-reflected fields (r -> -r), reflected back. The reflection
     turns each B0 direction b into -b, whose dipole kernel is the same (it depends on (k.b)^2),
     so both are estimates of the same map; the CNN is not exactly symmetric under it, and the
-    mean has less error. It takes twice the time. On 8 simulated validation brains
-    (``simulate.simulate_head`` at 1.5 mm of seeds 0-3, each without and with half the training's
-    largest noise and residual background) the model of 7300 steps scored 37.8 % NRMSE on average
-    in one pass and 37.0 % with the average, better by 0.5 to 1.5 points on every brain.
+    mean has less error on every validation brain (benchmarks/NOTES.md). It takes twice the time.
     """
     fields = _orientations_first(local_fields_ppm)
     mask = np.asarray(mask, dtype=bool)
@@ -327,7 +306,7 @@ def lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, device=None
     if not mask.any():
         return chi
     device = torch.device(device) if device is not None else default_device()
-    box = bounding_box(mask, margin=CROP_MARGIN_VOXELS)
+    box = mask_box(mask, voxel_size, CROP_MARGIN_MM, CROP_MARGIN_MIN_VOXELS)
     fields_in = torch.from_numpy(fields[(slice(None),) + box] * NETWORK_UNITS_PER_PPM)[None].to(device)
     mask_in = torch.from_numpy(mask[box].astype(np.float32))[None, None].to(device)
     model = model.to(device).eval()

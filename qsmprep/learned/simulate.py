@@ -45,26 +45,13 @@ class SimulationConfig:
     max_orientations: int = 3
     max_tilt_deg: float = 40.0
     noise_max_ppm: float = 0.005
-    # The residual is harmonic over the whole patch, so the L2 start inverts it into large smooth
-    # errors. A network trained with residuals of up to 0.01 ppm RMS (as large as a brain patch's
-    # field) learned to strip smooth contrast from every input: it shrank the simulated 1 mm head
-    # of INVERSION.md by a factor 1.24 and scored worse than its own L2 start (53.7 against 46.7 %
-    # NRMSE). 0.003 is 1.5 times the RMS error V-SHARP leaves on that head (0.002 ppm); fine-tuned
-    # on it for 2000 steps, the model scored 45.2 % there with a factor 1.11.
+    # 1.5 times the RMS error V-SHARP leaves on a simulated head; a much larger residual taught
+    # the network to strip smooth contrast from every input (benchmarks/NOTES.md).
     background_max_ppm: float = 0.003
     # White matter's anisotropy chi_parallel - chi_perpendicular, drawn per brain patch up to this
-    # (0.01 to 0.02 ppm in the STI literature; 1.5 times the upper value, as for the background).
-    # Its field is model error, not contrast: the truth stays the mean susceptibility. A model
-    # that never saw it turns it into contrast: on benchmarks/simulate_bids.py's head at 1.5 mm
-    # (noise 0.001 ppm) with anisotropy 0.03 and 0.06 ppm, GCV's weight barely moved (0.01 to
-    # 0.018) and the least-squares factor from the estimate of the model of 7300 steps (trained
-    # without anisotropy) to the truth fell from 1.05 to 0.90 and 0.68 (L2's from 1.07 to 0.88
-    # and 0.62), its NRMSE rising from 46.6 to 58.7 and 79.1 %. Fine-tuned with it from 7300 to
-    # 8685 steps (64^3 patches on the CPU), the model did better on simulate_head brains with the
-    # largest noise, background and anisotropy (67.1 against 69.3 % NRMSE, seeds 0-2 at 1.5 mm)
-    # but worse without them (33.8 against 31.5 %) and on average (49.8 against 49.4 % over those
-    # and the half-disturbed ones), so it was not shipped. 0 draws what generator 1.0 drew before
-    # this setting existed, as the shipped checkpoint resumes.
+    # (1.5 times the 0.01 to 0.02 ppm of the STI literature). Its field is model error, not
+    # contrast: the truth stays the mean susceptibility (benchmarks/NOTES.md). 0 draws what
+    # generator 1.0 drew before this setting existed, as the shipped checkpoint resumes.
     anisotropy_max_ppm: float = 0.03
     brain_fraction: float = 0.5
     supersampling: int = 2

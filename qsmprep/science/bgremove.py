@@ -83,13 +83,8 @@ class _MaskGrid:
         if sine:  # a type-I sine transform of n points is an FFT of 2 (n + 1)
             self.shape = tuple(scipy.fft.next_fast_len(n + 2 * margin + 1) - 1 for n in extent)
         else:
-            # Factors 7 and 11 allowed: an rfftn/irfftn pair took 21 ms per million voxels at
-            # 168^3, 175^3 and 176^3 (23 at 180^3), so the next size with factors 2, 3 and 5
-            # only (180 for 168 or 175) is up to 23 % more voxels at no gain per voxel. On the
-            # 160^3 crop of benchmarks/: PDF's grid 160 x 175 x 168 instead of 160 x 180 x 180,
-            # V-SHARP's 154 x 168 x 162 instead of 160 x 180 x 162. 1 mm head, NRMSE upright /
-            # tilted: V-SHARP unchanged, LBV 26.0 / 26.0 %, PDF 29.0 / 28.6 % (28.9 / 28.3 % on
-            # the larger grids, whose margins are wider).
+            # Factors 7 and 11 allowed: as fast per voxel as sizes of 2, 3 and 5 only, which
+            # can be 23 % larger (benchmarks/NOTES.md).
             self.shape = tuple(scipy.fft.next_fast_len(n + 2 * margin) for n in extent)
         self.inner = tuple(slice(margin, margin + n) for n in extent)
 
@@ -198,7 +193,7 @@ def default_radii_mm(voxel_size, largest_mm=12.0, smallest_mm=2.0):
     """
     finest, coarsest = float(min(voxel_size)), float(max(voxel_size))
     # When even the finest axis is coarser than ``smallest_mm``, a one-voxel sphere (7 voxels) is
-    # too small to average: on the 3 mm simulated head it left 59 % NRMSE, two voxels 23.5 %.
+    # too small to average (benchmarks/NOTES.md).
     smallest = max(smallest_mm, 2 * finest if finest > smallest_mm else coarsest)
     return [float(max(largest_mm, smallest)), smallest]
 

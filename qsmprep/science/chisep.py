@@ -34,8 +34,9 @@ periodic differences.
 import numpy as np
 import scipy.fft
 
-from .inversion import CROP_MARGIN_VOXELS, laplacian_spectrum, periodic_gradient, periodic_gradient_adjoint
-from .masking import bounding_box
+from .inversion import (CROP_MARGIN_MIN_VOXELS, CROP_MARGIN_MM, laplacian_spectrum, periodic_gradient,
+                        periodic_gradient_adjoint)
+from .masking import mask_box
 from .physics import GAMMA_BAR_MHZ_PER_T, dipole_kernel, padded_shape
 
 DR_HZ_PER_PPM_3T = 114.0
@@ -257,14 +258,14 @@ def chi_separation(local_field_ppm, r2prime_hz, mask, voxel_size, b0_dir, field_
     Returns ``(chi_paramagnetic, chi_diamagnetic)``, both >= 0 and 0 outside ``mask``; the total
     susceptibility is their difference. They are not referenced to the mask mean: R2' fixes
     their absolute level, and referencing would make them negative. The solver works on the
-    mask's bounding box with a margin of ``CROP_MARGIN_VOXELS``, like ``inversion.invert``.
+    mask's box with ``CROP_MARGIN_MM`` of room, like ``inversion.invert``.
     """
     mask = np.asarray(mask, dtype=bool)
     chi_paramagnetic = np.zeros(mask.shape, dtype=np.float32)
     chi_diamagnetic = np.zeros(mask.shape, dtype=np.float32)
     if not mask.any():
         return chi_paramagnetic, chi_diamagnetic
-    box = bounding_box(mask, margin=CROP_MARGIN_VOXELS)
+    box = mask_box(mask, voxel_size, CROP_MARGIN_MM, CROP_MARGIN_MIN_VOXELS)
     cropped_magnitude = None if magnitude is None else np.asarray(magnitude, dtype=np.float32)[box]
     chi_paramagnetic[box], chi_diamagnetic[box] = chisep_admm(
         np.asarray(local_field_ppm, dtype=np.float32)[box], np.asarray(r2prime_hz, dtype=np.float32)[box],

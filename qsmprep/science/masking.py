@@ -232,6 +232,20 @@ def bounding_box(mask, margin=1):
     return tuple(slice(lo, hi) for lo, hi in zip(low, high))
 
 
+def margin_in_voxels(voxel_size, margin_mm):
+    """Whole voxels per axis that span ``margin_mm`` (a voxel size read from a float32 affine may
+    be a hair under its true value: ``DISTANCE_TOLERANCE_MM``)."""
+    return [int(np.ceil((margin_mm - DISTANCE_TOLERANCE_MM) / d)) for d in voxel_size]
+
+
+def mask_box(mask, voxel_size, margin_mm, min_voxels=0):
+    """Slices of the mask's bounding box with ``margin_mm`` of room on every side, and at least
+    ``min_voxels`` (whole voxels, within the array): where the solvers work, since a whole head
+    grid is several times larger than the brain's box."""
+    margin = [max(voxels, min_voxels) for voxels in margin_in_voxels(voxel_size, margin_mm)]
+    return bounding_box(mask, margin=margin)
+
+
 def masked_median(volume, mask, size=3, threads=1):
     """Median over a ``size``-voxel cube of the voxels inside ``mask`` (outside voxels do not vote).
 

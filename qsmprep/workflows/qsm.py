@@ -77,20 +77,22 @@ def init_bgremove_wf(*, b0_dir, method='vsharp', omp_nthreads=1, name='bgremove_
     return workflow
 
 
-def init_inversion_wf(*, b0_dir, echo_times, field_strength, method=DEFAULT_INVERSION, omp_nthreads=1,
+def init_inversion_wf(*, b0_dirs, echo_times, field_strength, method=DEFAULT_INVERSION, omp_nthreads=1,
                       name='inversion_wf'):
-    """Local field to susceptibility (ppm, referenced to the mask's mean).
+    """Local fields of one or several head orientations to susceptibility (ppm, referenced to
+    the mask's mean).
 
-    Inputs: local_field, mask, magnitude (the data weight). Outputs: chi, parameters (what the
-    method chose, for the sidecar).
+    ``b0_dirs``: one B0 direction per local field, in the voxel axes of the mask.
+    Inputs: local_fields (a file or a list, on the mask's grid), mask, magnitude (the data
+    weight). Outputs: chi, parameters (what the method chose, for the sidecar).
     """
     workflow = pe.Workflow(name=name)
-    inputnode, outputnode = _io_nodes(['local_field', 'mask', 'magnitude'], ['chi', 'parameters'])
-    invert = pe.Node(Invert(method=method, b0_dir=[float(v) for v in b0_dir], echo_times=list(echo_times),
-                            field_strength=field_strength, num_threads=omp_nthreads),
+    inputnode, outputnode = _io_nodes(['local_fields', 'mask', 'magnitude'], ['chi', 'parameters'])
+    invert = pe.Node(Invert(method=method, b0_dirs=[[float(v) for v in b0_dir] for b0_dir in b0_dirs],
+                            echo_times=list(echo_times), field_strength=field_strength, num_threads=omp_nthreads),
                      name='invert', n_procs=omp_nthreads)
     workflow.connect([
-        (inputnode, invert, [('local_field', 'local_field'), ('mask', 'mask'), ('magnitude', 'magnitude')]),
+        (inputnode, invert, [('local_fields', 'local_fields'), ('mask', 'mask'), ('magnitude', 'magnitude')]),
         (invert, outputnode, [('chi', 'chi'), ('parameters', 'parameters')]),
     ])
     return workflow
@@ -142,7 +144,7 @@ def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, un
     field_wf = init_field_wf(echo_times=series.echo_times_s, field_strength=series.field_strength_t,
                              unwrap=unwrap, omp_nthreads=omp_nthreads)
     bgremove_wf = init_bgremove_wf(b0_dir=series.b0_dir, method=bgremove, omp_nthreads=omp_nthreads)
-    inversion_wf = init_inversion_wf(b0_dir=series.b0_dir, echo_times=series.echo_times_s,
+    inversion_wf = init_inversion_wf(b0_dirs=[series.b0_dir], echo_times=series.echo_times_s,
                                      field_strength=series.field_strength_t, method=inversion_method,
                                      omp_nthreads=sharing_nthreads)
     derivatives_sink = pe.Node(
@@ -160,7 +162,7 @@ def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, un
         (mask_wf, field_wf, [('outputnode.mask', 'inputnode.mask')]),
         (field_wf, bgremove_wf, [('outputnode.total_field', 'inputnode.total_field')]),
         (background_mask[0], bgremove_wf, [(background_mask[1], 'inputnode.mask')]),
-        (bgremove_wf, inversion_wf, [('outputnode.local_field', 'inputnode.local_field'),
+        (bgremove_wf, inversion_wf, [('outputnode.local_field', 'inputnode.local_fields'),
                                      ('outputnode.mask', 'inputnode.mask')]),
         (load_megre, inversion_wf, [('magnitude', 'inputnode.magnitude')]),
         (fit_r2star, derivatives_sink, [('r2star', 'r2starmap'), ('t2star', 't2starmap')]),
