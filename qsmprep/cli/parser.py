@@ -16,18 +16,21 @@ def _path_exists(value):
     return path
 
 
-def positive_int(value):
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f'{value} must be 1 or more')
-    return number
+def _checked_number(name, convert, accept, requirement):
+    """An argparse type: ``convert``, then refuse values that ``accept`` rejects."""
+    def parse(text):
+        value = convert(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f'{text} {requirement}')
+        return value
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
 
 
-def _positive_float(value):
-    number = float(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f'{value} must be positive')
-    return number
+positive_int = _checked_number('positive_int', int, lambda value: value >= 1, 'must be 1 or more')
+non_negative_int = _checked_number('non_negative_int', int, lambda value: value >= 0, 'is negative')
+positive_float = _checked_number('positive_float', float, lambda value: value > 0, 'must be positive')
+fraction = _checked_number('fraction', float, lambda value: 0 <= value <= 1, 'is not between 0 and 1')
 
 
 def build_parser():
@@ -50,7 +53,7 @@ def build_parser():
                            help='index the dataset without the BIDS validator')
 
     acquisition = parser.add_argument_group('acquisition')
-    acquisition.add_argument('--field-strength', type=_positive_float, metavar='TESLA',
+    acquisition.add_argument('--field-strength', type=positive_float, metavar='TESLA',
                              help='B0 in tesla, overriding MagneticFieldStrength (use when it is missing)')
     acquisition.add_argument('--phase-sign', type=int, choices=[1, -1], default=1,
                              help='-1 when the scanner stores the phase with the opposite sign')

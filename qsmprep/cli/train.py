@@ -9,21 +9,7 @@ from ..learned.lpcnn import INITIAL_ESTIMATES, INITIAL_L2_WEIGHT, PRECISIONS
 from ..learned.models import CARD_NAME
 from ..learned.recipe import DEFAULT_INITIAL_ESTIMATE
 from ..learned.simulate import SimulationConfig
-from .parser import positive_int
-
-
-def _fraction(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f'{text} is not between 0 and 1')
-    return value
-
-
-def _worker_count(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'{text} is negative')
-    return value
+from .parser import fraction, non_negative_int, positive_int
 
 
 def _default_workers():
@@ -46,7 +32,7 @@ def _build_parser():
                      help='auto: the GPU when torch sees one, else the CPU')
     # A 96^3 batch of 4 takes about 9 s to simulate on one core, many times the GPU's step: on a
     # GPU the simulation sets the pace unless workers simulate the coming batches meanwhile.
-    run.add_argument('--workers', type=_worker_count, default=_default_workers(),
+    run.add_argument('--workers', type=non_negative_int, default=_default_workers(),
                      help='processes simulating the coming batches while the model trains (0: the training '
                           'process simulates each batch itself); default: one per CPU core but one')
     run.add_argument('--precision', choices=PRECISIONS, default='auto',
@@ -116,7 +102,7 @@ def _build_parser():
     simulation.add_argument('--anisotropy-max-ppm', type=float,
                             help='largest white matter susceptibility anisotropy, chi_parallel - chi_perpendicular '
                                  f'(default: {defaults.anisotropy_max_ppm})')
-    simulation.add_argument('--brain-fraction', type=_fraction,
+    simulation.add_argument('--brain-fraction', type=fraction,
                             help=f'fraction of brain-like patches, the rest random shapes (default: {defaults.brain_fraction})')
     simulation.add_argument('--supersampling', type=positive_int,
                             help=f'fine grid factor of the simulated field (default: {defaults.supersampling})')
