@@ -1,7 +1,7 @@
 """The package's layers (CONTRIBUTING.md): each imports only from the layers below it.
 
 science (arrays in, arrays out) < learned (torch models on science's physics) < methods (the
-registry of inversions) < settings (of a run) < nifti, bids (files) < interfaces (Nipype nodes) <
+registry of inversions) < settings (of a run) < files, nifti, bids (files) < interfaces (Nipype nodes) <
 workflows < cli. No module imports another module's private names.
 """
 import ast
@@ -17,11 +17,12 @@ ALLOWED = {
     'learned': {'science', 'learned'},
     'methods': {'science', 'learned', 'methods'},
     'settings': {'science', 'methods', 'settings'},
+    'files': {'files'},
     'nifti': {'nifti'},
     'bids': {'science', 'nifti', 'bids'},
-    'interfaces': {'science', 'learned', 'methods', 'settings', 'nifti', 'bids', 'interfaces'},
-    'workflows': {'science', 'learned', 'methods', 'settings', 'nifti', 'bids', 'interfaces', 'workflows'},
-    'cli': {'science', 'learned', 'methods', 'settings', 'nifti', 'bids', 'interfaces', 'workflows', 'cli'},
+    'interfaces': {'science', 'learned', 'methods', 'settings', 'files', 'nifti', 'bids', 'interfaces'},
+    'workflows': {'science', 'learned', 'methods', 'settings', 'files', 'nifti', 'bids', 'interfaces', 'workflows'},
+    'cli': {'science', 'learned', 'methods', 'settings', 'files', 'nifti', 'bids', 'interfaces', 'workflows', 'cli'},
 }
 # Third-party frameworks that belong to one layer and above.
 FRAMEWORKS = {'nipype': {'interfaces', 'workflows', 'cli'}}

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 from .. import __version__
+from ..bids import FIELD_STRENGTH_RANGE_T, check_field_strength
 from ..methods import DEFAULT_INVERSION, INVERSIONS
 from ..science import bgremove, unwrap
 from ..science.masking import MASKING_METHODS
@@ -29,7 +30,9 @@ def _checked_number(name, convert, accept, requirement):
 
 positive_int = _checked_number('positive_int', int, lambda value: value >= 1, 'must be 1 or more')
 non_negative_int = _checked_number('non_negative_int', int, lambda value: value >= 0, 'is negative')
-positive_float = _checked_number('positive_float', float, lambda value: value > 0, 'must be positive')
+field_strength_tesla = _checked_number(
+    'field_strength_tesla', float, check_field_strength,
+    'is not a field in tesla (between {:g} and {:g})'.format(*FIELD_STRENGTH_RANGE_T))
 fraction = _checked_number('fraction', float, lambda value: 0 <= value <= 1, 'is not between 0 and 1')
 
 
@@ -53,7 +56,7 @@ def build_parser():
                            help='index the dataset without the BIDS validator')
 
     acquisition = parser.add_argument_group('acquisition')
-    acquisition.add_argument('--field-strength', type=positive_float, metavar='TESLA',
+    acquisition.add_argument('--field-strength', type=field_strength_tesla, metavar='TESLA',
                              help='B0 in tesla, overriding MagneticFieldStrength (use when it is missing)')
     acquisition.add_argument('--phase-sign', type=int, choices=[1, -1], default=1,
                              help='-1 when the scanner stores the phase with the opposite sign')

@@ -3,7 +3,8 @@ sidecars (``sidecars_for`` says what each map is and how it was made).
 
 Names come from one table of BIDS patterns (``OUTPUTS``) and the series' entities; every map
 is checked to be on the input grid, written under a temporary name and renamed only when all
-of the series' files are ready, so an interrupted run leaves no half-written map behind.
+of the series' files are ready, so an interrupted run leaves no half-written map behind. Maps
+that an earlier run with other options wrote for the series, and this run does not, are removed.
 """
 import json
 import os
@@ -16,6 +17,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, Sim
 
 from .. import __version__
 from ..bids import bids_uri
+from ..files import signals_deferred, temporary_path
 from ..methods import INVERSIONS
 from ..nifti import on_same_grid, save_like
 from ..science import bgremove, chisep, echofit
@@ -151,28 +153,32 @@ class DerivativesSink(SimpleInterface):
 
     def _run_interface(self, runtime):
         reference = nib.load(self.inputs.reference_file)
-        staged = []
+        staged, stale = [], []
         for key, (ending, units, description) in OUTPUTS.items():
+            target = derivative_path(self.inputs.output_dir, self.inputs.prefix, self.inputs.subject,
+                                     self.inputs.session, ending)
+            sidecar_path = Path(str(target).replace('.nii.gz', '.json'))
             if key in OPTIONAL_OUTPUTS and not isdefined(getattr(self.inputs, key)):
+                stale += [target, sidecar_path]
                 continue
             image = nib.load(getattr(self.inputs, key))
             if not on_same_grid(image, reference, atol=1e-4):
                 raise RuntimeError(f'{key} is not on the input grid of {self.inputs.reference_file}')
-            target = derivative_path(self.inputs.output_dir, self.inputs.prefix, self.inputs.subject,
-                                     self.inputs.session, ending)
             target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_name('.' + target.name)
+            temporary = temporary_path(target)
             save_like(np.asanyarray(image.dataobj), reference, temporary,
                       np.uint8 if key.endswith('_mask') else np.float32)
             sidecar = {'Units': units, 'Description': description, **self.inputs.metadata,
                        **self.inputs.parameters.get(key, {})}
             if key == 'chimap' and isdefined(self.inputs.chimap_parameters):
                 sidecar.update(self.inputs.chimap_parameters)
-            sidecar_path = Path(str(target).replace('.nii.gz', '.json'))
-            temporary_sidecar = sidecar_path.with_name('.' + sidecar_path.name)
+            temporary_sidecar = temporary_path(sidecar_path)
             temporary_sidecar.write_text(json.dumps(sidecar, indent=2) + '\n')
             staged += [(temporary, target), (temporary_sidecar, sidecar_path)]
-        for temporary, target in staged:
-            os.replace(temporary, target)
+        with signals_deferred():
+            for temporary, target in staged:
+                os.replace(temporary, target)
+            for path in stale:
+                path.unlink(missing_ok=True)
         self._results['out_files'] = [str(target) for _, target in staged if str(target).endswith('.nii.gz')]
         return runtime

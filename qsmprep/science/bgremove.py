@@ -339,4 +339,9 @@ def remove_background(total_field_ppm, mask, voxel_size, b0_dir, method='vsharp'
     """Dispatch to a background removal method; returns ``(local_field_ppm, valid_mask)``."""
     if method not in BGREMOVE_METHODS:
         raise ValueError(f'unknown background removal method {method!r}; choose from {BGREMOVE_METHODS}')
-    return {'vsharp': vsharp, 'pdf': pdf, 'lbv': lbv}[method](total_field_ppm, mask, voxel_size, b0_dir, **options)
+    local_field, valid = {'vsharp': vsharp, 'pdf': pdf, 'lbv': lbv}[method](total_field_ppm, mask, voxel_size, b0_dir,
+                                                                           **options)
+    if not np.any(valid):
+        raise ValueError(f'{method} left no voxel of the mask ({int(np.count_nonzero(mask))} voxels): the mask '
+                         f'is too thin or small for background removal; check the brain mask')
+    return local_field, valid
