@@ -205,11 +205,13 @@ def coil_bias(world, head, kind='linear', strength=0.3):
     raise ValueError(f'unknown coil bias {kind!r}')
 
 
-def tilted_affine(affine, tilt_deg):
-    """The affine of the same voxel grid with the head pitched by ``tilt_deg`` about scanner x."""
+def tilted_affine(affine, tilt_deg, axis=0):
+    """The affine of the same voxel grid with the head turned by ``tilt_deg`` about scanner x
+    (pitch, ``axis=0``) or y (roll, ``axis=1``)."""
     angle = np.deg2rad(tilt_deg)
+    i, j = [a for a in range(3) if a != axis]
     rotation = np.eye(4)
-    rotation[1:3, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    rotation[[i, i, j, j], [i, j, i, j]] = [np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)]
     return rotation @ affine
 
 
@@ -272,14 +274,15 @@ def _save(array, affine, path):
 
 
 def write_subject(bids_dir, label, phantom, affine, megre, echo_times_s=ECHO_TIMES_S,
-                  field_strength_t=FIELD_STRENGTH_T):
-    """Write one subject's MEGRE echoes and its truth into ``bids_dir``."""
+                  field_strength_t=FIELD_STRENGTH_T, run=None):
+    """Write one subject's MEGRE echoes (of ``run`` when given) and its truth into ``bids_dir``."""
     anat = Path(bids_dir) / f'sub-{label}' / 'anat'
     anat.mkdir(parents=True, exist_ok=True)
+    prefix = f'sub-{label}' + (f'_run-{run}' if run is not None else '')
     for echo, te in enumerate(echo_times_s, start=1):
         for part, volume, extra in (('mag', 1000 * megre['magnitude'][..., echo - 1], {}),
                                     ('phase', megre['phase'][..., echo - 1], {'Units': 'rad'})):
-            stem = anat / f'sub-{label}_echo-{echo}_part-{part}_MEGRE'
+            stem = anat / f'{prefix}_echo-{echo}_part-{part}_MEGRE'
             _save(volume, affine, f'{stem}.nii.gz')
             _write_json(Path(f'{stem}.json'), {
                 'EchoTime': te, 'EchoNumber': echo, 'MagneticFieldStrength': field_strength_t,
@@ -291,7 +294,7 @@ def write_subject(bids_dir, label, phantom, affine, megre, echo_times_s=ECHO_TIM
     for name, volume in (('Chimap', chi_brain), ('desc-brain_mask', brain), ('R2starmap', phantom['r2star']),
                          ('desc-total_fieldmap', megre['total_field']),
                          ('desc-local_fieldmap', megre['local_field'])):
-        _save(volume, affine, truth / f'sub-{label}_{name}.nii.gz')
+        _save(volume, affine, truth / f'{prefix}_{name}.nii.gz')
 
 
 def write_dataset_description(bids_dir, name='qsmprep simulated MEGRE'):
@@ -315,6 +318,17 @@ def simulate_dataset(bids_dir, voxel_size_mm=2.0, tilts_deg=(0.0,), labels=None,
         megre = simulate_megre(phantom, subject_affine, peak_snr=peak_snr, seed=seed)
         write_subject(bids_dir, label, phantom, subject_affine, megre)
     return labels
+
+
+def simulate_orientations(bids_dir, turns_deg, voxel_size_mm=3.0, label='01', peak_snr=100.0, seed=0):
+    """One subject scanned in several head orientations, one ``run-<i>`` each: ``turns_deg`` holds
+    (degrees, scanner axis) per run, the first the reference."""
+    write_dataset_description(bids_dir)
+    phantom, affine = head_phantom(voxel_size_mm, seed=seed)
+    for run, (degrees, axis) in enumerate(turns_deg, start=1):
+        run_affine = tilted_affine(affine, degrees, axis)
+        megre = simulate_megre(phantom, run_affine, peak_snr=peak_snr, seed=seed + run)
+        write_subject(bids_dir, label, phantom, run_affine, megre, run=run)
 
 
 def main():

@@ -343,6 +343,21 @@ def series_name(entities):
     return '_'.join(f'{ENTITY_KEYS[key]}-{entities[key]}' for key in ENTITY_ORDER if key in entities)
 
 
+def _run_order(series):
+    run = series.entities.get('run', '')
+    return (0, int(run), '') if str(run).isdigit() else (1, 0, str(run))
+
+
+def orientation_groups(series_list):
+    """The series grouped into heads: those that differ only in their run, sorted by run (the first
+    is the reference orientation)."""
+    groups = {}
+    for series in series_list:
+        key = tuple(sorted((k, v) for k, v in series.entities.items() if k != 'run'))
+        groups.setdefault(key, []).append(series)
+    return [sorted(group, key=_run_order) for group in groups.values()]
+
+
 def _unusable_reason(path, part, echo):
     """Why a file named as MEGRE cannot be one echo of a series."""
     if part not in ('mag', 'phase') or echo is None:

@@ -1,9 +1,11 @@
-"""Writing files so that a reader never sees half of one: a temporary name, then a rename."""
+"""Writing files so that a reader never sees half of one (a temporary name, then a rename), and
+ITK transform files."""
 import os
 import signal
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 # Prefix of the temporary files of one process; what an interrupted run leaves can be found by it.
@@ -48,3 +50,37 @@ def signals_deferred():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# NIfTI's world is RAS+, ITK's LPS: the two differ by a half turn about z.
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def write_itk_transform(matrix_ras, path):
+    """Write the 4x4 affine ``matrix_ras`` (RAS+ mm, reference point to moving point) as an ITK
+    text transform, which works in LPS, as fMRIPrep's ``_xfm.txt`` files."""
+    import SimpleITK as sitk
+
+    matrix_ras = np.asarray(matrix_ras, dtype=float)
+    itk = sitk.AffineTransform(3)
+    itk.SetMatrix((RAS_TO_LPS @ matrix_ras[:3, :3] @ RAS_TO_LPS).flatten().tolist())
+    itk.SetTranslation((RAS_TO_LPS @ matrix_ras[:3, 3]).tolist())
+    temporary = temporary_path(path)
+    try:
+        sitk.WriteTransform(itk, str(temporary))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def read_itk_transform(path):
+    """The 4x4 RAS+ matrix of an ITK text transform written by ``write_itk_transform``."""
+    import SimpleITK as sitk
+
+    itk = sitk.AffineTransform(sitk.ReadTransform(str(path)))
+    matrix = np.eye(4)
+    rotation = np.asarray(itk.GetMatrix()).reshape(3, 3)
+    center, translation = np.asarray(itk.GetCenter()), np.asarray(itk.GetTranslation())
+    matrix[:3, :3] = RAS_TO_LPS @ rotation @ RAS_TO_LPS
+    matrix[:3, 3] = RAS_TO_LPS @ (center + translation - rotation @ center)
+    return matrix

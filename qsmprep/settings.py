@@ -30,6 +30,7 @@ class Settings:
     inversion: str = DEFAULT_INVERSION
     masking: str = 'two-pass'
     chi_separation: bool = True
+    multi_orientation: bool = False  # the runs of one head are its orientations: register, COSMOS
     nprocs: int = 1
     omp_nthreads: int = 1  # resolved: threads of one process
     resource_monitor: bool = False

@@ -72,6 +72,10 @@ def build_parser():
     methods.add_argument('--masking', choices=MASKING_METHODS, default='two-pass',
                          help='two-pass (default): also drop voxels whose phase is a wrap off their neighbours, '
                               'so their streaks do not spread; magnitude: the magnitude mask alone')
+    methods.add_argument('--multi-orientation', action='store_true',
+                         help='the run-<i> series of one subject and session that share their other entities are '
+                              'head orientations of one scan: register them onto the first run and combine them by '
+                              'COSMOS (desc-cosmos_Chimap); each run keeps its own outputs')
     methods.add_argument('--no-chi-separation', dest='chi_separation', action='store_false',
                          help='skip the paramagnetic/diamagnetic separation (desc-paramagnetic/diamagnetic_Chimap)')
 

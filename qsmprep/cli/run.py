@@ -179,7 +179,9 @@ def _crashes(crash_dir, since, series_list):
             continue
         text = crash_file.read_text().strip().splitlines()
         node = next((line.split(':', 1)[1].strip() for line in text if line.startswith('Node:')), crash_file.name)
-        owner = next((series.name for series in series_list if f'series_{series.workflow_name}_wf' in node), 'other')
+        owner = next((series.name for series in series_list if f'series_{series.workflow_name}_wf' in node), None)
+        if owner is None:  # a combination of orientations, or a step outside every series
+            owner = node.split('.head_')[1].split('_wf')[0] + ' (orientations)' if '.head_' in node else 'other'
         step = node.split('.')[-1]
         crashes.setdefault(owner, []).append(f'{step} failed: {text[-1].strip() if text else "?"} '
                                              f'(traceback: {crash_file})')

@@ -13,8 +13,9 @@ import scipy.fft
 from .. import __version__, methods
 from ..learned import missing_torch_message
 from ..methods import DEFAULT_INVERSION, INVERSIONS, LEARNED_INVERSIONS
+from ..files import write_itk_transform
 from ..nifti import on_same_grid, save_like
-from ..science import bgremove, chisep, echofit, masking, unwrap
+from ..science import bgremove, chisep, echofit, masking, orientations, registration, unwrap
 from ..science.physics import b0_direction_from_affine, voxel_size_from_affine
 
 
@@ -122,6 +123,68 @@ def run_invert(args):
     _save(chi, image, args.output)
 
 
+def run_register(args):
+    moving, moving_image = _load(args.moving, ndim=(3, 4))
+    reference, reference_image = _load(args.reference, ndim=(3, 4))
+    # The first echo of a 4-D magnitude: the sharpest.
+    moving, reference = (image[..., 0] if image.ndim == 4 else image for image in (moving, reference))
+    reference_grid = reference_image.slicer[..., 0] if reference_image.ndim == 4 else reference_image
+    mask = _load_mask(args.reference_mask, reference_grid, args.reference) if args.reference_mask else None
+    transform = registration.register_rigid(moving, moving_image.affine, reference, reference_grid.affine,
+                                            reference_mask=mask, num_threads=max(1, args.nthreads))
+    write_itk_transform(transform.matrix, args.output)
+    print(f'wrote {args.output}')
+    b0_dir = registration.b0_direction_in_reference(transform, reference_grid.affine)
+    print(f'rotation {transform.angle_deg:.2f} deg, translation {np.round(transform.translation, 2).tolist()} mm, '
+          f'mutual information {transform.cost:.4f}')
+    print(f'--b0-dir {b0_dir[0]:.6f} {b0_dir[1]:.6f} {b0_dir[2]:.6f}  (in the reference voxel axes)')
+    if len(args.resample) != len(args.resampled):
+        raise ToolError(f'--resample lists {len(args.resample)} images but --resampled {len(args.resampled)} outputs.')
+    for path, output in zip(args.resample, args.resampled):
+        volume, image = _load(path, ndim=(3,))
+        if not on_same_grid(image, moving_image.slicer[..., 0] if moving_image.ndim == 4 else moving_image):
+            raise ToolError(f'{path}: not on the grid of {args.moving}; --resample takes images of the moving run.')
+        is_mask = np.array_equal(np.unique(volume), np.unique(volume > 0))  # 0 and 1 only: nearest neighbour
+        resampled = registration.resample(volume, image.affine, reference_grid.affine, reference.shape, transform,
+                                          order=0 if is_mask else 1)
+        _save(resampled, reference_grid, output, np.uint8 if is_mask else np.float32)
+
+
+def _registered_fields(args):
+    """The local fields, their mask and one B0 direction each in their shared voxel axes."""
+    fields, images = zip(*(_load(path, ndim=(3,)) for path in args.local_fields))
+    for path, image in zip(args.local_fields[1:], images[1:]):
+        if not on_same_grid(image, images[0]):
+            raise ToolError(f'{path}: not on the grid of {args.local_fields[0]}; register and resample every '
+                            'orientation onto the reference first (qsmprep-tools register --resample).')
+    if args.b0_dir is None or len(args.b0_dir) != len(fields):
+        raise ToolError(f'{len(fields)} local fields need --b0-dir once per field, in their order: resampled '
+                        'fields share the reference\'s header, so their B0 directions are not in it '
+                        '(qsmprep-tools register prints each).')
+    mask = _load_mask(args.mask, images[0], args.local_fields[0])
+    return np.stack(fields), mask, [_unit_b0_dir(v) for v in args.b0_dir], images[0]
+
+
+def run_cosmos(args):
+    fields, mask, b0_dirs, image = _registered_fields(args)
+    chi = orientations.cosmos(fields, mask, voxel_size_from_affine(image.affine), b0_dirs,
+                              gradient_weight=args.gradient_weight)
+    _save(chi, image, args.output)
+
+
+def run_sti(args):
+    fields, mask, b0_dirs, image = _registered_fields(args)
+    if len(fields) < orientations.STI_MIN_ORIENTATIONS:
+        print(f'warning: {len(fields)} orientations; least-squares STI needs {orientations.STI_MIN_ORIENTATIONS} '
+              f'or more to determine the tensor', file=sys.stderr)
+    tensor = orientations.sti_least_squares(fields, mask, voxel_size_from_affine(image.affine), b0_dirs,
+                                            iterations=args.iterations)
+    mms, msa, pev = orientations.tensor_maps(tensor, mask)
+    for name, volumes in (('sti', tensor), ('mms', mms), ('msa', msa), ('pev', pev)):
+        _save(np.moveaxis(volumes, 0, -1) if volumes.ndim == 4 else volumes, image,
+              f'{args.output_prefix}_desc-{name}_Chimap.nii.gz')
+
+
 def run_bgremove(args):
     field, image = _load(args.total_field, ndim=(3,))
     mask = _load_mask(args.mask, image, args.total_field)
@@ -223,6 +286,37 @@ def build_parser():
     invert.add_argument('--field-strength', type=float, metavar='TESLA', help='for nltv')
     invert.add_argument('-o', '--output', required=True)
     invert.set_defaults(run=run_invert)
+
+    register = commands.add_parser('register', help='rigid registration of one head orientation onto the reference')
+    register.add_argument('moving', help='magnitude of the run to register (3-D, or 4-D: its first echo)')
+    register.add_argument('--reference', required=True, help='magnitude of the reference run (3-D or 4-D)')
+    register.add_argument('--reference-mask', help='brain mask of the reference (the metric looks 12 mm around it)')
+    register.add_argument('-o', '--output', required=True, help='the transform, ITK text (reference to moving)')
+    register.add_argument('--resample', nargs='+', default=[], metavar='IMAGE',
+                          help='images of the moving run (e.g. its local field) to resample onto the reference')
+    register.add_argument('--resampled', nargs='+', default=[], metavar='OUTPUT', help='where, in the same order')
+    register.set_defaults(run=run_register)
+
+    for name, text, run in (('cosmos', 'registered local fields (ppm) of several orientations to susceptibility',
+                             run_cosmos),
+                            ('sti', 'registered local fields (ppm) of several orientations to the susceptibility '
+                                    'tensor and its MMS, MSA and PEV maps', run_sti)):
+        command = commands.add_parser(name, help=text)
+        command.add_argument('local_fields', nargs='+', metavar='local_field',
+                             help='one per head orientation, all on the reference grid')
+        command.add_argument('--mask', required=True, help='brain mask on the reference grid')
+        command.add_argument('--b0-dir', nargs=3, type=float, metavar=('X', 'Y', 'Z'), action='append',
+                             help='B0 direction in the reference voxel axes, once per local field in their order')
+        if name == 'cosmos':
+            command.add_argument('--gradient-weight', type=float, default=orientations.COSMOS_GRADIENT_WEIGHT,
+                                 help='weight of the gradient penalty (0: plain least squares)')
+            command.add_argument('-o', '--output', required=True)
+        else:
+            command.add_argument('--iterations', type=int, default=orientations.STI_ITERATIONS,
+                                 help='conjugate-gradient iterations (the early stop regularizes)')
+            command.add_argument('--output-prefix', required=True,
+                                 help='writes PREFIX_desc-{sti,mms,msa,pev}_Chimap.nii.gz')
+        command.set_defaults(run=run)
 
     background = commands.add_parser('bgremove', help='total field (ppm) to local field (ppm)')
     background.add_argument('total_field')

@@ -182,3 +182,65 @@ class DerivativesSink(SimpleInterface):
                 path.unlink(missing_ok=True)
         self._results['out_files'] = [str(target) for _, target in staged if str(target).endswith('.nii.gz')]
         return runtime
+
+
+class _OrientationsSinkInputSpec(BaseInterfaceInputSpec):
+    output_dir = Directory(mandatory=True)
+    prefix = traits.Str(mandatory=True, desc='BIDS entities of the head without run, e.g. sub-01_ses-1')
+    subject = traits.Str(mandatory=True)
+    session = traits.Str('', usedefault=True)
+    runs = traits.List(traits.Str, mandatory=True, desc='run labels, the reference first')
+    reference_file = File(exists=True, mandatory=True, desc='an input image of the reference run')
+    metadata = traits.Dict(mandatory=True, desc='sidecar keys of the combined maps')
+    chimap = File(exists=True, mandatory=True)
+    brain_mask = File(exists=True, mandatory=True)
+    chimap_parameters = traits.Dict()
+    transforms = traits.List(File(exists=True), mandatory=True, desc='one per run after the first')
+    b0_dirs = traits.List(traits.List(traits.Float), mandatory=True)
+    registration = traits.List(traits.Dict, mandatory=True)
+
+
+class OrientationsSink(SimpleInterface):
+    """Write the maps of a head combined over its orientations, on the reference run's grid, and
+    each run's transform to the reference (all renamed into place together)."""
+    input_spec = _OrientationsSinkInputSpec
+    output_spec = _SinkOutputSpec
+
+    def _run_interface(self, runtime):
+        reference = nib.load(self.inputs.reference_file)
+        runs = self.inputs.runs
+        common = {**self.inputs.metadata, 'Runs': runs,
+                  'B0Directions': [[round(v, 6) for v in b0_dir] for b0_dir in self.inputs.b0_dirs],
+                  'Registration': {f'run-{run}': details for run, details in zip(runs[1:], self.inputs.registration)}}
+        staged = []
+        for ending, source, dtype, sidecar in (
+                ('desc-cosmos_Chimap', self.inputs.chimap, np.float32,
+                 {'Units': 'ppm', 'Description': 'magnetic susceptibility from every orientation (COSMOS)',
+                  **(self.inputs.chimap_parameters if isdefined(self.inputs.chimap_parameters) else {})}),
+                ('desc-brain_mask', self.inputs.brain_mask, np.uint8,
+                 {'Units': 'arbitrary', 'Type': 'Brain',
+                  'Description': 'voxels where the local field of every orientation is valid'})):
+            image = nib.load(source)
+            if not on_same_grid(image, reference, atol=1e-4):
+                raise RuntimeError(f'{ending} is not on the grid of {self.inputs.reference_file}')
+            target = derivative_path(self.inputs.output_dir, self.inputs.prefix, self.inputs.subject,
+                                     self.inputs.session, ending)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = temporary_path(target)
+            save_like(np.asanyarray(image.dataobj), reference, temporary, dtype)
+            sidecar_path = Path(str(target).replace('.nii.gz', '.json'))
+            temporary_sidecar = temporary_path(sidecar_path)
+            temporary_sidecar.write_text(json.dumps({**sidecar, **common}, indent=2) + '\n')
+            staged += [(temporary, target), (temporary_sidecar, sidecar_path)]
+        for run, transform in zip(runs[1:], self.inputs.transforms):
+            name = f'{self.inputs.prefix}_run-{run}_from-run{run}_to-run{runs[0]}_mode-image_xfm.txt'
+            target = derivative_path(self.inputs.output_dir, self.inputs.prefix, self.inputs.subject,
+                                     self.inputs.session, 'x').with_name(name)
+            temporary = temporary_path(target)
+            temporary.write_bytes(Path(transform).read_bytes())
+            staged.append((temporary, target))
+        with signals_deferred():
+            for temporary, target in staged:
+                os.replace(temporary, target)
+        self._results['out_files'] = [str(target) for _, target in staged if str(target).endswith('.nii.gz')]
+        return runtime

@@ -72,15 +72,44 @@ def _itk_transform(transform):
     return itk
 
 
-def register_rigid(moving, moving_affine, reference, reference_affine, reference_mask=None, num_threads=1):
+def _world_points(mask, affine):
+    return (np.asarray(affine, dtype=float) @ np.c_[np.argwhere(mask), np.ones(int(np.count_nonzero(mask)))].T)[:3]
+
+
+def principal_axes_transform(moving_mask, moving_affine, reference_mask, reference_affine):
+    """The rigid transform that maps the reference brain's centroid and principal axes onto the
+    moving brain's: of the four turns that do, the smallest (a head turns less than 90 degrees)."""
+    centres, axes = [], []
+    for mask, affine in ((reference_mask, reference_affine), (moving_mask, moving_affine)):
+        points = _world_points(np.asarray(mask) > 0, affine)
+        centres.append(points.mean(axis=1))
+        axes.append(np.linalg.eigh(np.cov(points))[1])
+    candidates = [axes[1] @ np.diag(signs) @ axes[0].T for signs in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1))]
+    candidates = [rotation if np.linalg.det(rotation) > 0 else -rotation for rotation in candidates]
+    rotation = max(candidates, key=np.trace)
+    return RigidTransform(rotation=rotation, translation=centres[1] - rotation @ centres[0])
+
+
+def register_rigid(moving, moving_affine, reference, reference_affine, reference_mask=None, moving_mask=None,
+                   num_threads=1):
     """The ``RigidTransform`` that best aligns ``moving`` (e.g. the first echo's magnitude of a run)
     with ``reference``, by Mattes mutual information over ``reference_mask`` dilated by
-    ``MASK_DILATION_MM`` (all voxels when None), coarse to fine."""
+    ``MASK_DILATION_MM`` (all voxels when None), coarse to fine. With both brain masks the search
+    starts from their principal axes (``principal_axes_transform``), else from the centres of mass."""
     import SimpleITK as sitk
 
     fixed_image, moving_image = _image(reference, reference_affine), _image(moving, moving_affine)
-    initial = sitk.CenteredTransformInitializer(fixed_image, moving_image, sitk.Euler3DTransform(),
-                                                sitk.CenteredTransformInitializerFilter.MOMENTS)
+    if reference_mask is not None and moving_mask is not None:
+        # Gradient descent from the centres alone stopped at 7 of 20 degrees of pitch.
+        start = principal_axes_transform(moving_mask, moving_affine, reference_mask, reference_affine)
+        centre = _world_points(np.asarray(reference_mask) > 0, reference_affine).mean(axis=1)
+        initial = sitk.Euler3DTransform()
+        initial.SetCenter(centre.tolist())
+        initial.SetMatrix(start.rotation.flatten().tolist())
+        initial.SetTranslation((start.rotation @ centre + start.translation - centre).tolist())
+    else:
+        initial = sitk.CenteredTransformInitializer(fixed_image, moving_image, sitk.Euler3DTransform(),
+                                                    sitk.CenteredTransformInitializerFilter.MOMENTS)
     method = sitk.ImageRegistrationMethod()
     method.SetNumberOfThreads(num_threads)
     # Mutual information: each orientation sees the head through another coil sensitivity.

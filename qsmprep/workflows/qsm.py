@@ -8,6 +8,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces.derivatives import DerivativesSink
+from ..interfaces.orientations import Cosmos, RegisterOrientations
 from ..interfaces.qsm import (BrainMask, FitR2star, FitTotalField, Invert, LoadMEGRE, RemoveBackground,
                               SeparateSources, UnwrapPhase)
 from ..methods import DEFAULT_INVERSION
@@ -118,6 +119,34 @@ def init_chisep_wf(*, b0_dir, field_strength, omp_nthreads=1, name='chisep_wf'):
     return workflow
 
 
+def init_orientations_wf(*, b0_dirs, omp_nthreads=1, name='orientations_wf'):
+    """Several head orientations of one head onto the reference (the first) and COSMOS there.
+
+    ``b0_dirs``: each run's B0 direction in its own voxel axes.
+    Inputs (lists, one per run, the reference first): magnitudes, brain_masks, local_fields,
+    localfield_masks. Outputs: chi, mask (where every orientation's field is valid), parameters,
+    transforms (reference to each later run), b0_dirs (in the reference axes), registration.
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode, outputnode = _io_nodes(['magnitudes', 'brain_masks', 'local_fields', 'localfield_masks'],
+                                      ['chi', 'mask', 'parameters', 'transforms', 'b0_dirs', 'registration'])
+    register_orientations = pe.Node(RegisterOrientations(b0_dirs=[[float(v) for v in d] for d in b0_dirs],
+                                                         num_threads=omp_nthreads),
+                                    name='register_orientations', n_procs=omp_nthreads)
+    cosmos = pe.Node(Cosmos(num_threads=omp_nthreads), name='cosmos', n_procs=omp_nthreads)
+    workflow.connect([
+        (inputnode, register_orientations, [('magnitudes', 'magnitudes'), ('brain_masks', 'brain_masks'),
+                                            ('local_fields', 'local_fields'),
+                                            ('localfield_masks', 'localfield_masks')]),
+        (register_orientations, cosmos, [('local_fields', 'local_fields'), ('localfield_masks', 'masks'),
+                                         ('b0_dirs', 'b0_dirs')]),
+        (cosmos, outputnode, [('chi', 'chi'), ('mask', 'mask'), ('parameters', 'parameters')]),
+        (register_orientations, outputnode, [('transforms', 'transforms'), ('b0_dirs', 'b0_dirs'),
+                                             ('registration', 'registration')]),
+    ])
+    return workflow
+
+
 def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, unwrap=DEFAULT_UNWRAP,
                    bgremove='vsharp', inversion_method=DEFAULT_INVERSION, user_mask=None,
                    masking='two-pass', chi_separation=True, omp_nthreads=1, name='series_wf'):
@@ -129,8 +158,11 @@ def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, un
 
     ``metadata`` holds the sidecar keys common to every output, ``parameters`` the keys of
     each output (see ``qsmprep.interfaces.derivatives.OUTPUTS``).
+    Outputs (for combining orientations): magnitude (4-D), brain_mask, local_field, localfield_mask.
     """
     workflow = pe.Workflow(name=name)
+    outputnode = pe.Node(niu.IdentityInterface(fields=['magnitude', 'brain_mask', 'local_field', 'localfield_mask']),
+                         name='outputnode')
     # Inversion and chi-separation both wait only for the local field, and half their time is
     # single-threaded numpy: with half the threads each, they run side by side (1 mm head,
     # 2 cores: 20 s for both, against 32 s one after the other with 2 threads each).
@@ -172,6 +204,9 @@ def init_series_wf(*, series, output_dir, metadata, parameters, phase_sign=1, un
                                           ('outputnode.parameters', 'chimap_parameters')]),
         (bgremove_wf, derivatives_sink, [('outputnode.local_field', 'local_field'),
                                          ('outputnode.mask', 'localfield_mask')]),
+        (load_megre, outputnode, [('magnitude', 'magnitude')]),
+        (mask_wf, outputnode, [('outputnode.mask', 'brain_mask')]),
+        (bgremove_wf, outputnode, [('outputnode.local_field', 'local_field'), ('outputnode.mask', 'localfield_mask')]),
     ])
     if len(series.echo_times_s) >= echofit.COMPLEX_FIT_MIN_ECHOES:
         workflow.connect(field_wf, 'outputnode.field_noise', derivatives_sink, 'field_noise')
