@@ -26,7 +26,7 @@ import scipy.fft
 from scipy import ndimage
 
 from qsmprep.science.masking import dilated, eroded
-from qsmprep.science.physics import DipoleOperator, b0_direction_from_affine
+from qsmprep.science.physics import DipoleOperator, anisotropic_field, b0_direction_from_affine
 
 MNI_DATA = Path(nilearn.datasets.__file__).parent / 'data'
 MNI_FILES = {
@@ -250,6 +250,9 @@ def simulate_megre(phantom, affine, echo_times_s=ECHO_TIMES_S, field_strength_t=
     # removal cannot see, but the brain's mean chi here is 0.0001 to 0.0003 ppm and referencing
     # it changed this field by 0.4 % or less and background removal's NRMSE by under 0.2 %.
     local_field = voxel_averaged_field(np.where(brain, phantom['chi'], 0), voxel_size, b0_dir)
+    if 'anisotropy' in phantom:  # white matter's traceless tensor a (n n^T - I/3), in the brain
+        anisotropic = anisotropic_field(phantom['anisotropy'], phantom['fibres'], voxel_size, b0_dir)
+        total_field, local_field = total_field + anisotropic, local_field + anisotropic
     magnitude, phase = [], []
     for te in echo_times_s:
         signal = qsm_forward.generate_signal(
@@ -320,15 +323,29 @@ def simulate_dataset(bids_dir, voxel_size_mm=2.0, tilts_deg=(0.0,), labels=None,
     return labels
 
 
-def simulate_orientations(bids_dir, turns_deg, voxel_size_mm=3.0, label='01', peak_snr=100.0, seed=0):
+def simulate_orientations(bids_dir, turns_deg, voxel_size_mm=3.0, label='01', peak_snr=100.0, seed=0,
+                          anisotropy_ppm=0.0):
     """One subject scanned in several head orientations, one ``run-<i>`` each: ``turns_deg`` holds
-    (degrees, scanner axis) per run, the first the reference."""
+    per run a turn (degrees, scanner axis) or a sequence of them, the first run the reference.
+
+    ``anisotropy_ppm`` > 0 gives white matter a traceless tensor of that anisotropy (times its
+    fraction) along smooth random fibres; the phantom, with keys anisotropy and fibres, is returned.
+    """
     write_dataset_description(bids_dir)
     phantom, affine = head_phantom(voxel_size_mm, seed=seed)
-    for run, (degrees, axis) in enumerate(turns_deg, start=1):
-        run_affine = tilted_affine(affine, degrees, axis)
+    if anisotropy_ppm:
+        from qsmprep.learned.phantoms import random_fibre_directions
+
+        phantom['anisotropy'] = (anisotropy_ppm * phantom['wm_fraction'] * phantom['brain_mask']).astype(np.float32)
+        phantom['fibres'] = random_fibre_directions(np.random.default_rng(seed), phantom['chi'].shape,
+                                                    np.linalg.norm(affine[:3, :3], axis=0))
+    for run, turns in enumerate(turns_deg, start=1):
+        run_affine = affine
+        for degrees, axis in ([turns] if np.isscalar(turns[0]) else turns):
+            run_affine = tilted_affine(run_affine, degrees, axis)
         megre = simulate_megre(phantom, run_affine, peak_snr=peak_snr, seed=seed + run)
         write_subject(bids_dir, label, phantom, run_affine, megre, run=run)
+    return phantom
 
 
 def main():

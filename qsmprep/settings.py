@@ -31,6 +31,7 @@ class Settings:
     masking: str = 'two-pass'
     chi_separation: bool = True
     multi_orientation: bool = False  # the runs of one head are its orientations: register, COSMOS
+    sti: Optional[str] = None  # 'ls': tensor maps by least squares even below 6 orientations
     nprocs: int = 1
     omp_nthreads: int = 1  # resolved: threads of one process
     resource_monitor: bool = False

@@ -1,5 +1,6 @@
 """The BIDS App on one head scanned in four orientations (3 mm, one run each) with
---multi-orientation: each run registered onto the first, combined by COSMOS on its grid."""
+--multi-orientation --sti ls: each run registered onto the first, combined by COSMOS and
+least-squares STI on its grid."""
 import json
 
 import nibabel as nib
@@ -20,7 +21,7 @@ def multi_orientation_run(tmp_path_factory, run_qsmprep):
     bids_dir, output_dir = root / 'bids', root / 'out'
     simulate_orientations(bids_dir, TURNS, voxel_size_mm=3.0)
     result = run_qsmprep(bids_dir, output_dir, 'participant', '-w', root / 'work', '--nprocs', '2',
-                         '--multi-orientation')
+                         '--multi-orientation', '--sti', 'ls')
     assert result.returncode == 0, result.stderr
     return bids_dir, output_dir / 'sub-01' / 'anat'
 
@@ -61,3 +62,16 @@ def test_cosmos_is_written_on_the_reference_grid_and_beats_one_orientation(multi
     one_orientation = metrics.nrmse(image(anat / 'sub-01_run-1_Chimap.nii.gz'), true_chi, evaluation)
     assert metrics.nrmse(np.asanyarray(cosmos.dataobj), true_chi, evaluation) < one_orientation
     assert json.loads((anat / 'sub-01_desc-brain_mask.json').read_text())['Type'] == 'Brain'
+
+
+def test_tensor_maps_are_written_with_their_sidecars(multi_orientation_run):
+    _, anat = multi_orientation_run
+    shapes = {name: nib.load(anat / f'sub-01_desc-{name}_Chimap.nii.gz').shape for name in ('sti', 'mms', 'msa', 'pev')}
+    grid = nib.load(anat / 'sub-01_desc-cosmos_Chimap.nii.gz').shape
+    assert shapes == {'sti': grid + (6,), 'mms': grid, 'msa': grid, 'pev': grid + (3,)}
+    sidecar = json.loads((anat / 'sub-01_desc-sti_Chimap.json').read_text())
+    assert sidecar['Orientations'] == 4 and sidecar['TensorComponents'][1] == 'chi12' and sidecar['Units'] == 'ppm'
+    # This head has no anisotropy: the tensor's mean is its susceptibility.
+    mask = image(anat / 'sub-01_desc-brain_mask.nii.gz') > 0
+    mms, cosmos = image(anat / 'sub-01_desc-mms_Chimap.nii.gz'), image(anat / 'sub-01_desc-cosmos_Chimap.nii.gz')
+    assert np.corrcoef(mms[mask], cosmos[mask])[0, 1] > 0.7

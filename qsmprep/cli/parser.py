@@ -76,6 +76,10 @@ def build_parser():
                          help='the run-<i> series of one subject and session that share their other entities are '
                               'head orientations of one scan: register them onto the first run and combine them by '
                               'COSMOS (desc-cosmos_Chimap); each run keeps its own outputs')
+    methods.add_argument('--sti', choices=('ls',),
+                         help='with --multi-orientation: the susceptibility tensor by least squares and its maps '
+                              '(desc-sti, -mms, -msa, -pev_Chimap), also below the 6 orientations from which it is '
+                              'computed without asking')
     methods.add_argument('--no-chi-separation', dest='chi_separation', action='store_false',
                          help='skip the paramagnetic/diamagnetic separation (desc-paramagnetic/diamagnetic_Chimap)')
 

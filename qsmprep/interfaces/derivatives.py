@@ -198,6 +198,22 @@ class _OrientationsSinkInputSpec(BaseInterfaceInputSpec):
     transforms = traits.List(File(exists=True), mandatory=True, desc='one per run after the first')
     b0_dirs = traits.List(traits.List(traits.Float), mandatory=True)
     registration = traits.List(traits.Dict, mandatory=True)
+    sti_tensor = File(exists=True, desc='6 volumes')
+    mms = File(exists=True)
+    msa = File(exists=True)
+    pev = File(exists=True, desc='3 volumes')
+    sti_parameters = traits.Dict()
+
+
+# Tensor maps: output key, file name ending, what the map is.
+STI_OUTPUTS = (
+    ('sti_tensor', 'desc-sti_Chimap', 'susceptibility tensor, 6 volumes chi11, chi12, chi13, chi22, chi23, chi33 '
+                                      'in the voxel axes'),
+    ('mms', 'desc-mms_Chimap', 'mean magnetic susceptibility (l1 + l2 + l3) / 3'),
+    ('msa', 'desc-msa_Chimap', 'magnetic susceptibility anisotropy l1 - (l2 + l3) / 2'),
+    ('pev', 'desc-pev_Chimap', 'principal eigenvector of the tensor, 3 volumes (x, y, z in the voxel axes; sign '
+                               'arbitrary)'),
+)
 
 
 class OrientationsSink(SimpleInterface):
@@ -213,13 +229,17 @@ class OrientationsSink(SimpleInterface):
                   'B0Directions': [[round(v, 6) for v in b0_dir] for b0_dir in self.inputs.b0_dirs],
                   'Registration': {f'run-{run}': details for run, details in zip(runs[1:], self.inputs.registration)}}
         staged = []
-        for ending, source, dtype, sidecar in (
-                ('desc-cosmos_Chimap', self.inputs.chimap, np.float32,
+        maps = [('desc-cosmos_Chimap', self.inputs.chimap, np.float32,
                  {'Units': 'ppm', 'Description': 'magnetic susceptibility from every orientation (COSMOS)',
                   **(self.inputs.chimap_parameters if isdefined(self.inputs.chimap_parameters) else {})}),
                 ('desc-brain_mask', self.inputs.brain_mask, np.uint8,
                  {'Units': 'arbitrary', 'Type': 'Brain',
-                  'Description': 'voxels where the local field of every orientation is valid'})):
+                  'Description': 'voxels where the local field of every orientation is valid'})]
+        sti_parameters = self.inputs.sti_parameters if isdefined(self.inputs.sti_parameters) else {}
+        maps += [(ending, getattr(self.inputs, key), np.float32,
+                  {'Units': 'arbitrary' if key == 'pev' else 'ppm', 'Description': description, **sti_parameters})
+                 for key, ending, description in STI_OUTPUTS if isdefined(getattr(self.inputs, key))]
+        for ending, source, dtype, sidecar in maps:
             image = nib.load(source)
             if not on_same_grid(image, reference, atol=1e-4):
                 raise RuntimeError(f'{ending} is not on the grid of {self.inputs.reference_file}')

@@ -92,6 +92,16 @@ class _CosmosOutputSpec(TraitedSpec):
     parameters = traits.Dict(desc='sidecar keys')
 
 
+def _combined_fields(local_fields, masks):
+    """The fields (N, *shape), the voxels where all are valid, and the reference image."""
+    reference = nib.load(local_fields[0])
+    fields = np.stack([np.asanyarray(nib.load(path).dataobj).astype(np.float32) for path in local_fields])
+    mask = np.logical_and.reduce([np.asanyarray(nib.load(path).dataobj) > 0 for path in masks])
+    if not mask.any():
+        raise ValueError('the local-field masks of the orientations do not overlap; check the registration')
+    return fields, mask, reference
+
+
 class Cosmos(SimpleInterface):
     """COSMOS over the voxels where every orientation's local field is valid."""
     input_spec = _CosmosInputSpec
@@ -100,12 +110,7 @@ class Cosmos(SimpleInterface):
     def _run_interface(self, runtime):
         import scipy.fft
 
-        reference = nib.load(self.inputs.local_fields[0])
-        fields = np.stack([np.asanyarray(nib.load(path).dataobj).astype(np.float32)
-                           for path in self.inputs.local_fields])
-        mask = np.logical_and.reduce([np.asanyarray(nib.load(path).dataobj) > 0 for path in self.inputs.masks])
-        if not mask.any():
-            raise ValueError('the local-field masks of the orientations do not overlap; check the registration')
+        fields, mask, reference = _combined_fields(self.inputs.local_fields, self.inputs.masks)
         with scipy.fft.set_workers(max(1, self.inputs.num_threads)):
             chi = orientations.cosmos(fields * mask, mask, voxel_size_from_affine(reference.affine),
                                       self.inputs.b0_dirs)
@@ -113,4 +118,36 @@ class Cosmos(SimpleInterface):
         self._results['mask'] = save_like(mask, reference, os.path.abspath('mask.nii'), np.uint8)
         self._results['parameters'] = {'GradientWeight': orientations.COSMOS_GRADIENT_WEIGHT,
                                        'Orientations': len(fields)}
+        return runtime
+
+
+class _StiOutputSpec(TraitedSpec):
+    tensor = File(exists=True, desc='6 volumes: chi11, chi12, chi13, chi22, chi23, chi33 (ppm)')
+    mms = File(exists=True, desc='mean magnetic susceptibility (ppm)')
+    msa = File(exists=True, desc='magnetic susceptibility anisotropy (ppm)')
+    pev = File(exists=True, desc='principal eigenvector, 3 volumes')
+    parameters = traits.Dict(desc='sidecar keys')
+
+
+class Sti(SimpleInterface):
+    """The susceptibility tensor by least squares and its eigen-decomposition maps, over the voxels
+    where every orientation's local field is valid."""
+    input_spec = _CosmosInputSpec
+    output_spec = _StiOutputSpec
+
+    def _run_interface(self, runtime):
+        import scipy.fft
+
+        fields, mask, reference = _combined_fields(self.inputs.local_fields, self.inputs.masks)
+        with scipy.fft.set_workers(max(1, self.inputs.num_threads)):
+            tensor = orientations.sti_least_squares(fields * mask, mask, voxel_size_from_affine(reference.affine),
+                                                    self.inputs.b0_dirs)
+        mms, msa, pev = orientations.tensor_maps(tensor, mask)
+        for key, volumes in (('tensor', tensor), ('mms', mms), ('msa', msa), ('pev', pev)):
+            data = np.moveaxis(volumes, 0, -1) if volumes.ndim == 4 else volumes  # NIfTI: volumes last
+            self._results[key] = save_like(data, reference, os.path.abspath(f'{key}.nii'))
+        self._results['parameters'] = {'EstimationAlgorithm': 'least squares over the tensor model, conjugate '
+                                                              'gradients stopped early',
+                                       'Iterations': orientations.STI_ITERATIONS, 'Orientations': len(fields),
+                                       'TensorComponents': ['chi11', 'chi12', 'chi13', 'chi22', 'chi23', 'chi33']}
         return runtime

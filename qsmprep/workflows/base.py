@@ -5,6 +5,7 @@ from nipype.pipeline import engine as pe
 
 from ..bids import bids_uri, orientation_groups, series_name
 from ..interfaces.derivatives import OrientationsSink, sidecars_for
+from ..science import orientations
 from .qsm import init_orientations_wf, init_series_wf
 
 
@@ -62,7 +63,8 @@ def _combine_orientations(workflow, runs, series_wfs, settings):
     fields = ('magnitude', 'brain_mask', 'local_field', 'localfield_mask')
     merge_magnitudes, merge_brain_masks, merge_local_fields, merge_localfield_masks = (
         pe.Node(niu.Merge(len(runs)), name=f'merge_{field}s') for field in fields)
-    orientations_wf = init_orientations_wf(b0_dirs=[series.b0_dir for series in runs],
+    sti = settings.sti == 'ls' or len(runs) >= orientations.STI_MIN_ORIENTATIONS
+    orientations_wf = init_orientations_wf(b0_dirs=[series.b0_dir for series in runs], sti=sti,
                                            omp_nthreads=settings.omp_nthreads)
     metadata = {
         'SkullStripped': True, 'EstimationAlgorithm': 'COSMOS: masked least squares over the orientations with a '
@@ -89,6 +91,10 @@ def _combine_orientations(workflow, runs, series_wfs, settings):
                                               ('outputnode.b0_dirs', 'b0_dirs'),
                                               ('outputnode.registration', 'registration')]),
     ])
+    if sti:
+        head_wf.connect([(orientations_wf, orientations_sink, [
+            ('outputnode.tensor', 'sti_tensor'), ('outputnode.mms', 'mms'), ('outputnode.msa', 'msa'),
+            ('outputnode.pev', 'pev'), ('outputnode.sti_parameters', 'sti_parameters')])])
     for index, series_wf in enumerate(series_wfs, start=1):
         workflow.connect([(series_wf, head_wf, [(f'outputnode.{field}', f'merge_{field}s.in{index}')
                                                 for field in fields])])

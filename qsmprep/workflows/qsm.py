@@ -8,7 +8,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces.derivatives import DerivativesSink
-from ..interfaces.orientations import Cosmos, RegisterOrientations
+from ..interfaces.orientations import Cosmos, RegisterOrientations, Sti
 from ..interfaces.qsm import (BrainMask, FitR2star, FitTotalField, Invert, LoadMEGRE, RemoveBackground,
                               SeparateSources, UnwrapPhase)
 from ..methods import DEFAULT_INVERSION
@@ -119,17 +119,20 @@ def init_chisep_wf(*, b0_dir, field_strength, omp_nthreads=1, name='chisep_wf'):
     return workflow
 
 
-def init_orientations_wf(*, b0_dirs, omp_nthreads=1, name='orientations_wf'):
-    """Several head orientations of one head onto the reference (the first) and COSMOS there.
+def init_orientations_wf(*, b0_dirs, sti=False, omp_nthreads=1, name='orientations_wf'):
+    """Several head orientations of one head onto the reference (the first) and COSMOS there; with
+    ``sti`` also the susceptibility tensor by least squares.
 
     ``b0_dirs``: each run's B0 direction in its own voxel axes.
     Inputs (lists, one per run, the reference first): magnitudes, brain_masks, local_fields,
     localfield_masks. Outputs: chi, mask (where every orientation's field is valid), parameters,
-    transforms (reference to each later run), b0_dirs (in the reference axes), registration.
+    transforms (reference to each later run), b0_dirs (in the reference axes), registration, and
+    with ``sti`` tensor, mms, msa, pev, sti_parameters.
     """
     workflow = pe.Workflow(name=name)
     inputnode, outputnode = _io_nodes(['magnitudes', 'brain_masks', 'local_fields', 'localfield_masks'],
-                                      ['chi', 'mask', 'parameters', 'transforms', 'b0_dirs', 'registration'])
+                                      ['chi', 'mask', 'parameters', 'transforms', 'b0_dirs', 'registration',
+                                       'tensor', 'mms', 'msa', 'pev', 'sti_parameters'])
     register_orientations = pe.Node(RegisterOrientations(b0_dirs=[[float(v) for v in d] for d in b0_dirs],
                                                          num_threads=omp_nthreads),
                                     name='register_orientations', n_procs=omp_nthreads)
@@ -144,6 +147,14 @@ def init_orientations_wf(*, b0_dirs, omp_nthreads=1, name='orientations_wf'):
         (register_orientations, outputnode, [('transforms', 'transforms'), ('b0_dirs', 'b0_dirs'),
                                              ('registration', 'registration')]),
     ])
+    if sti:
+        least_squares_sti = pe.Node(Sti(num_threads=omp_nthreads), name='least_squares_sti', n_procs=omp_nthreads)
+        workflow.connect([
+            (register_orientations, least_squares_sti, [('local_fields', 'local_fields'),
+                                                        ('localfield_masks', 'masks'), ('b0_dirs', 'b0_dirs')]),
+            (least_squares_sti, outputnode, [('tensor', 'tensor'), ('mms', 'mms'), ('msa', 'msa'), ('pev', 'pev'),
+                                             ('parameters', 'sti_parameters')]),
+        ])
     return workflow
 
 
