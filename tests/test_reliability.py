@@ -304,6 +304,13 @@ def _wait_for_workers(process, timeout_s=60):
     raise AssertionError('the run started no worker processes')
 
 
+def _alive(process):
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.mark.parametrize('signal_number, code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_run_stops_at_once_and_resumes(dataset, tmp_path, run_qsmprep, signal_number, code):
     output_dir, work_dir = tmp_path / 'out', tmp_path / 'work'
@@ -314,7 +321,7 @@ def test_an_interrupted_run_stops_at_once_and_resumes(dataset, tmp_path, run_qsm
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == code and time.time() - stopped < 10, stderr
     assert 'stopped by' in stderr and 'Traceback' not in stderr
-    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+    assert not any(_alive(worker) for worker in workers)
     assert not derivatives(output_dir) and not list(output_dir.rglob('.qsmprep-tmp-*'))
     result = run_qsmprep(dataset, output_dir, 'participant', '-w', work_dir)
     assert result.returncode == 0, result.stderr
