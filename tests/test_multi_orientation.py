@@ -2,6 +2,7 @@
 --multi-orientation --sti ls: each run registered onto the first, combined by COSMOS and
 least-squares STI on its grid."""
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -16,14 +17,19 @@ TURNS = [(0, 0), (20, 0), (20, 1), (-15, 0)]  # (degrees, scanner axis) per run
 
 
 @pytest.fixture(scope='module')
-def multi_orientation_run(tmp_path_factory, run_qsmprep):
+def simulated_run(tmp_path_factory, run_qsmprep):
     root = tmp_path_factory.mktemp('orientations')
     bids_dir, output_dir = root / 'bids', root / 'out'
     simulate_orientations(bids_dir, TURNS, voxel_size_mm=3.0)
     result = run_qsmprep(bids_dir, output_dir, 'participant', '-w', root / 'work', '--nprocs', '2',
                          '--multi-orientation', '--sti', 'ls')
     assert result.returncode == 0, result.stderr
-    return bids_dir, output_dir / 'sub-01' / 'anat'
+    return root
+
+
+@pytest.fixture(scope='module')
+def multi_orientation_run(simulated_run):
+    return simulated_run / 'bids', simulated_run / 'out' / 'sub-01' / 'anat'
 
 
 def image(path):
@@ -75,3 +81,21 @@ def test_tensor_maps_are_written_with_their_sidecars(multi_orientation_run):
     mask = image(anat / 'sub-01_desc-brain_mask.nii.gz') > 0
     mms, cosmos = image(anat / 'sub-01_desc-mms_Chimap.nii.gz'), image(anat / 'sub-01_desc-cosmos_Chimap.nii.gz')
     assert np.corrcoef(mms[mask], cosmos[mask])[0, 1] > 0.7
+
+
+def test_lpcnn_takes_every_registered_orientation(simulated_run, run_qsmprep, tmp_path):
+    pytest.importorskip('torch')
+    work_dir, output_dir = tmp_path / 'work', tmp_path / 'out'
+    shutil.copytree(simulated_run / 'work', work_dir)  # the fields and the registration are reused
+    result = run_qsmprep(simulated_run / 'bids', output_dir, 'participant', '-w', work_dir, '--nprocs', '2',
+                         '--multi-orientation', '--inversion', 'lpcnn')
+    assert result.returncode == 0, result.stderr
+    anat = output_dir / 'sub-01' / 'anat'
+    sidecar = json.loads((anat / 'sub-01_desc-lpcnn_Chimap.json').read_text())
+    assert sidecar['Model'] == 'LP-CNN' and len(sidecar['B0Directions']) == 4
+    truth = simulated_run / 'bids' / 'derivatives' / 'truth' / 'sub-01' / 'anat'
+    evaluation = (image(anat / 'sub-01_desc-brain_mask.nii.gz') > 0) & (
+        image(truth / 'sub-01_run-1_desc-brain_mask.nii.gz') > 0)
+    true_chi = image(truth / 'sub-01_run-1_Chimap.nii.gz')
+    # 3 mm is outside the shipped model's 0.6-1.5 mm: a loose bar, as for one orientation in test_cli.
+    assert metrics.nrmse(image(anat / 'sub-01_desc-lpcnn_Chimap.nii.gz'), true_chi, evaluation) < 80

@@ -203,6 +203,9 @@ class _OrientationsSinkInputSpec(BaseInterfaceInputSpec):
     msa = File(exists=True)
     pev = File(exists=True, desc='3 volumes')
     sti_parameters = traits.Dict()
+    learned_method = traits.Str(desc='a learned inversion run on every orientation at once, e.g. lpcnn')
+    learned_chimap = File(exists=True)
+    learned_parameters = traits.Dict()
 
 
 # Tensor maps: output key, file name ending, what the map is.
@@ -239,6 +242,12 @@ class OrientationsSink(SimpleInterface):
         maps += [(ending, getattr(self.inputs, key), np.float32,
                   {'Units': 'arbitrary' if key == 'pev' else 'ppm', 'Description': description, **sti_parameters})
                  for key, ending, description in STI_OUTPUTS if isdefined(getattr(self.inputs, key))]
+        if isdefined(self.inputs.learned_chimap):
+            method = self.inputs.learned_method
+            maps.append((f'desc-{method}_Chimap', self.inputs.learned_chimap, np.float32,
+                         {'Units': 'ppm', 'Description': f'magnetic susceptibility from every orientation by '
+                                                         f'{INVERSIONS[method].estimation_algorithm}',
+                          **self.inputs.learned_parameters}))
         for ending, source, dtype, sidecar in maps:
             image = nib.load(source)
             if not on_same_grid(image, reference, atol=1e-4):

@@ -5,6 +5,7 @@ from nipype.pipeline import engine as pe
 
 from ..bids import bids_uri, orientation_groups, series_name
 from ..interfaces.derivatives import OrientationsSink, sidecars_for
+from ..methods import LEARNED_INVERSIONS
 from ..science import orientations
 from .qsm import init_orientations_wf, init_series_wf
 
@@ -64,8 +65,9 @@ def _combine_orientations(workflow, runs, series_wfs, settings):
     merge_magnitudes, merge_brain_masks, merge_local_fields, merge_localfield_masks = (
         pe.Node(niu.Merge(len(runs)), name=f'merge_{field}s') for field in fields)
     sti = settings.sti == 'ls' or len(runs) >= orientations.STI_MIN_ORIENTATIONS
+    learned = settings.inversion if settings.inversion in LEARNED_INVERSIONS else None
     orientations_wf = init_orientations_wf(b0_dirs=[series.b0_dir for series in runs], sti=sti,
-                                           omp_nthreads=settings.omp_nthreads)
+                                           learned_inversion=learned, omp_nthreads=settings.omp_nthreads)
     metadata = {
         'SkullStripped': True, 'EstimationAlgorithm': 'COSMOS: masked least squares over the orientations with a '
                                                        'gradient penalty, conjugate gradients',
@@ -80,6 +82,10 @@ def _combine_orientations(workflow, runs, series_wfs, settings):
                          session=head.get('session', ''), runs=[str(series.entities['run']) for series in runs],
                          reference_file=reference.magnitude_files[0], metadata=metadata),
         name='orientations_sink', run_without_submitting=True, overwrite=True)
+    if learned:
+        orientations_sink.inputs.learned_method = learned
+        head_wf.connect([(orientations_wf, orientations_sink, [('outputnode.learned_chi', 'learned_chimap'),
+                                                               ('outputnode.learned_parameters', 'learned_parameters')])])
     head_wf.connect([
         (merge_magnitudes, orientations_wf, [('out', 'inputnode.magnitudes')]),
         (merge_brain_masks, orientations_wf, [('out', 'inputnode.brain_masks')]),

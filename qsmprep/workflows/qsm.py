@@ -119,20 +119,23 @@ def init_chisep_wf(*, b0_dir, field_strength, omp_nthreads=1, name='chisep_wf'):
     return workflow
 
 
-def init_orientations_wf(*, b0_dirs, sti=False, omp_nthreads=1, name='orientations_wf'):
+def init_orientations_wf(*, b0_dirs, sti=False, learned_inversion=None, omp_nthreads=1, name='orientations_wf'):
     """Several head orientations of one head onto the reference (the first) and COSMOS there; with
-    ``sti`` also the susceptibility tensor by least squares.
+    ``sti`` also the susceptibility tensor by least squares, with ``learned_inversion`` (e.g.
+    'lpcnn') also that method on all registered fields at once.
 
     ``b0_dirs``: each run's B0 direction in its own voxel axes.
     Inputs (lists, one per run, the reference first): magnitudes, brain_masks, local_fields,
     localfield_masks. Outputs: chi, mask (where every orientation's field is valid), parameters,
-    transforms (reference to each later run), b0_dirs (in the reference axes), registration, and
-    with ``sti`` tensor, mms, msa, pev, sti_parameters.
+    transforms (reference to each later run), b0_dirs (in the reference axes), registration, with
+    ``sti`` tensor, mms, msa, pev, sti_parameters, and with ``learned_inversion`` learned_chi and
+    learned_parameters.
     """
     workflow = pe.Workflow(name=name)
     inputnode, outputnode = _io_nodes(['magnitudes', 'brain_masks', 'local_fields', 'localfield_masks'],
                                       ['chi', 'mask', 'parameters', 'transforms', 'b0_dirs', 'registration',
-                                       'tensor', 'mms', 'msa', 'pev', 'sti_parameters'])
+                                       'tensor', 'mms', 'msa', 'pev', 'sti_parameters', 'learned_chi',
+                                       'learned_parameters'])
     register_orientations = pe.Node(RegisterOrientations(b0_dirs=[[float(v) for v in d] for d in b0_dirs],
                                                          num_threads=omp_nthreads),
                                     name='register_orientations', n_procs=omp_nthreads)
@@ -154,6 +157,14 @@ def init_orientations_wf(*, b0_dirs, sti=False, omp_nthreads=1, name='orientatio
                                                         ('localfield_masks', 'masks'), ('b0_dirs', 'b0_dirs')]),
             (least_squares_sti, outputnode, [('tensor', 'tensor'), ('mms', 'mms'), ('msa', 'msa'), ('pev', 'pev'),
                                              ('parameters', 'sti_parameters')]),
+        ])
+    if learned_inversion:
+        invert = pe.Node(Invert(method=learned_inversion, num_threads=omp_nthreads), name='invert',
+                         n_procs=omp_nthreads)
+        workflow.connect([
+            (register_orientations, invert, [('local_fields', 'local_fields'), ('b0_dirs', 'b0_dirs')]),
+            (cosmos, invert, [('mask', 'mask')]),
+            (invert, outputnode, [('chi', 'learned_chi'), ('parameters', 'learned_parameters')]),
         ])
     return workflow
 
