@@ -77,7 +77,8 @@ def _probe_writable(folder):
         probe.unlink()
     finally:
         for created in missing:
-            created.rmdir()
+            if created.is_dir():
+                created.rmdir()
 
 
 def _generated_by_names(output_dir):
