@@ -1,10 +1,13 @@
 """Several head orientations end to end: registration, COSMOS and least-squares STI against the truth.
 
     python benchmarks/orientations_benchmark.py --out benchmarks/ORIENTATIONS.md [--voxel-size 1.5] [--seeds 0 1]
+        [--same-voxels]
 
 Per seed, simulates one 3 T head (white matter anisotropic by 0.02 ppm times its fraction, along
 smooth random fibres) scanned in 6 orientations, one run each: upright, pitched (about scanner x)
-by +25 and -25 degrees, rolled (about y) by +25 and -25, and pitched and rolled by 20 each. Runs
+by +25 and -25 degrees, rolled (about y) by +25 and -25, and pitched and rolled by 20 each. The
+head turns inside a fixed grid, resampled (``simulate_bids.simulate_orientations(resample=True)``);
+with ``--same-voxels`` only the affine turns, so registration has the same voxels to match. Runs
 `qsmprep --multi-orientation` on the raw runs with its defaults, then scores:
 
 - registration: each run's transform against the known one (largest displacement over the brain,
@@ -14,8 +17,8 @@ by +25 and -25 degrees, rolled (about y) by +25 and -25, and pitched and rolled 
   brain inside the combined mask, referenced to its mean;
 - least-squares STI from 4 and 6 runs: MMS NRMSE, median principal-eigenvector error in white matter
   (fraction > 0.8) and MSA correlation over the brain;
-- both also from the true local fields of the runs (the same voxels in every run, so on run 1's grid
-  without resampling), masked to the true brain: what the inversion alone makes of perfect fields;
+- both also from the true local fields of the runs, brought onto run 1's grid by the known transforms
+  and masked to the true brains: what the inversion alone makes of perfect fields;
 - seconds of each stage on this machine.
 
 Nothing here is tuned on the in-vivo data.
@@ -40,7 +43,7 @@ from benchmarks.simulate_bids import simulate_orientations  # noqa: E402
 from qsmprep import methods  # noqa: E402
 from qsmprep.files import read_itk_transform  # noqa: E402
 from qsmprep.learned import missing_torch_message  # noqa: E402
-from qsmprep.science import metrics, orientations  # noqa: E402
+from qsmprep.science import metrics, orientations, registration  # noqa: E402
 from qsmprep.science.physics import voxel_size_from_affine  # noqa: E402
 
 TURNS = [(0, 0), (25, 0), (25, 1), (-25, 0), (-25, 1), ((20, 0), (20, 1))]
@@ -64,14 +67,12 @@ def node_seconds(work_dir, node):
     return total
 
 
-def registration_errors(bids_dir, anat, brain):
+def registration_errors(transforms, reference_affine, anat, brain):
     """Per later run: largest displacement error (mm) over the brain and rotation error (degrees)."""
-    affines = [nib.load(bids_dir / 'sub-01' / 'anat' / f'sub-01_run-{run}_echo-1_part-mag_MEGRE.nii.gz').affine
-               for run in range(1, len(TURNS) + 1)]
-    points = affines[0] @ np.c_[np.argwhere(brain), np.ones(int(brain.sum()))].T
+    points = reference_affine @ np.c_[np.argwhere(brain), np.ones(int(brain.sum()))].T
     errors = []
     for run in range(2, len(TURNS) + 1):
-        expected = affines[run - 1] @ np.linalg.inv(affines[0])
+        expected = transforms[run - 1]
         found = read_itk_transform(anat / f'sub-01_run-{run}_from-run{run}_to-run1_mode-image_xfm.txt')
         residual = found[:3, :3] @ expected[:3, :3].T
         angle = np.degrees(np.arccos(np.clip((np.trace(residual) - 1) / 2, -1, 1)))
@@ -84,12 +85,12 @@ def chi_scores(estimate, truth, mask):
             'XSIM': metrics.xsim(estimate, truth, mask)}
 
 
-def score_head(seed, voxel_size, data_dir):
+def score_head(seed, voxel_size, data_dir, resample):
     bids_dir, output_dir, work_dir = data_dir / f'bids_{seed}', data_dir / f'out_{seed}', data_dir / f'work_{seed}'
     for folder in (bids_dir, output_dir, work_dir):
         shutil.rmtree(folder, ignore_errors=True)
-    phantom = simulate_orientations(bids_dir, TURNS, voxel_size_mm=voxel_size, seed=seed,
-                                    anisotropy_ppm=ANISOTROPY_PPM)
+    phantom, transforms = simulate_orientations(bids_dir, TURNS, voxel_size_mm=voxel_size, seed=seed,
+                                                anisotropy_ppm=ANISOTROPY_PPM, resample=resample)
     command = [str(Path(sys.executable).with_name('qsmprep')), str(bids_dir), str(output_dir), 'participant',
                '-w', str(work_dir), '--multi-orientation', '--no-chi-separation']
     started = time.time()
@@ -100,7 +101,9 @@ def score_head(seed, voxel_size, data_dir):
     true_chi = np.where(brain, phantom['chi'], 0)
     combined = _load(anat / 'sub-01_desc-brain_mask.nii.gz') > 0
     evaluation = combined & brain
-    scores = {'registration': registration_errors(bids_dir, anat, brain),
+    run_image = [nib.load(bids_dir / 'sub-01' / 'anat' / f'sub-01_run-{run}_echo-1_part-mag_MEGRE.nii.gz')
+                 for run in range(1, len(TURNS) + 1)]
+    scores = {'registration': registration_errors(transforms, run_image[0].affine, anat, brain),
               'coverage': float(evaluation.sum() / brain.sum()),
               'TV, run 1': chi_scores(_load(anat / 'sub-01_run-1_Chimap.nii.gz'), true_chi, evaluation)}
     # The COSMOS node's own inputs: every run's local field and mask on run 1's grid, and B0 there.
@@ -118,15 +121,23 @@ def score_head(seed, voxel_size, data_dir):
         chi, _ = methods.invert('lpcnn', [fields[0]], masks[0], voxel, [outputs.b0_dirs[0]])
         scores['LP-CNN, run 1'] = chi_scores(chi, true_chi, evaluation)
     truth = bids_dir / 'derivatives' / 'truth' / 'sub-01' / 'anat'
-    true_fields = np.stack([_load(truth / f'sub-01_run-{run}_desc-local_fieldmap.nii.gz') * brain
-                            for run in range(1, len(TURNS) + 1)])
+    true_fields, true_masks = [], []
+    for run, transform in enumerate(transforms, start=1):
+        known = registration.RigidTransform(rotation=transform[:3, :3], translation=transform[:3, 3])
+        for name, order, collected in (('desc-local_fieldmap', 1, true_fields), ('desc-brain_mask', 0, true_masks)):
+            collected.append(registration.resample(_load(truth / f'sub-01_run-{run}_{name}.nii.gz'),
+                                                   run_image[run - 1].affine, run_image[0].affine, brain.shape,
+                                                   known, order=order))
+    true_masks = np.stack(true_masks) > 0
+    true_fields = np.stack(true_fields) * true_masks
     for count in SUBSETS:
-        chi = orientations.cosmos(true_fields[:count], brain, voxel, outputs.b0_dirs[:count])
+        mask = np.logical_and.reduce(true_masks[:count])
+        chi = orientations.cosmos(true_fields[:count] * mask, mask, voxel, outputs.b0_dirs[:count])
         scores[f'COSMOS, {count} runs, true local fields'] = chi_scores(chi, true_chi, evaluation)
     white_matter = brain & (phantom['wm_fraction'] > 0.8)
     true_msa = phantom['anisotropy']
     for count in STI_SUBSETS:
-        for source, data, data_masks in (('', fields, masks), (', true local fields', true_fields, [brain] * count)):
+        for source, data, data_masks in (('', fields, masks), (', true local fields', true_fields, true_masks)):
             mask = np.logical_and.reduce(data_masks[:count])
             tensor = orientations.sti_least_squares(data[:count] * mask, mask, voxel, outputs.b0_dirs[:count])
             mms, msa, pev = orientations.tensor_maps(tensor, mask)
@@ -142,10 +153,11 @@ def score_head(seed, voxel_size, data_dir):
     return scores
 
 
-def write_table(path, results, command, voxel_size):
+def write_table(path, results, command, voxel_size, resample):
     seeds = list(results)
     header = '| | ' + ' | '.join(f'seed {seed}' for seed in seeds) + ' |\n|---|' + '---|' * len(seeds) + '\n'
-    lines = [f'# Several orientations, end to end ({voxel_size} mm, 3 T, 6 runs)', '',
+    how = 'the head turned inside one grid' if resample else 'the same voxels under turned affines'
+    lines = [f'# Several orientations, end to end ({voxel_size} mm, 3 T, 6 runs, {how})', '',
              f'Made by `{command}` on {platform.machine()}, {os.cpu_count()} cores, '
              f'{time.strftime("%Y-%m-%d")}. See the script\'s docstring for the heads and the scores.', '',
              '## Registration (largest displacement error over the brain, mm / rotation error, degrees)', '',
@@ -182,12 +194,13 @@ def main():
     parser.add_argument('--data', type=Path, default=Path('/tmp/qsmprep_orientations'))
     parser.add_argument('--voxel-size', type=float, default=1.5)
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    parser.add_argument('--same-voxels', action='store_true', help='turn the affines, not the head in the grid')
     args = parser.parse_args()
     args.data.mkdir(parents=True, exist_ok=True)
-    results = {seed: score_head(seed, args.voxel_size, args.data) for seed in args.seeds}
+    results = {seed: score_head(seed, args.voxel_size, args.data, not args.same_voxels) for seed in args.seeds}
     command = (f'python benchmarks/orientations_benchmark.py --out {args.out} --voxel-size {args.voxel_size} '
-               f'--seeds {" ".join(map(str, args.seeds))}')
-    write_table(args.out, results, command, args.voxel_size)
+               f'--seeds {" ".join(map(str, args.seeds))}' + (' --same-voxels' if args.same_voxels else ''))
+    write_table(args.out, results, command, args.voxel_size, not args.same_voxels)
     print(Path(args.out).read_text())
 
 

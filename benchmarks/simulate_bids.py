@@ -323,13 +323,52 @@ def simulate_dataset(bids_dir, voxel_size_mm=2.0, tilts_deg=(0.0,), labels=None,
     return labels
 
 
+def _turn(degrees, axis):
+    angle = np.deg2rad(degrees)
+    i, j = [a for a in range(3) if a != axis]
+    rotation = np.eye(3)
+    rotation[[i, i, j, j], [i, j, i, j]] = [np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)]
+    return rotation
+
+
+# Label maps, masks and susceptibility are resampled by nearest neighbour, the rest linearly:
+# interpolated, the skull's and the air's several ppm would leak into the brain's edge voxels and
+# become sources of its local field.
+NEAREST_KEYS = ('chi', 'brain_mask', 'head_mask', 'intracranial_mask', 'nuclei')
+
+
+def turned_phantom(phantom, affine, transform):
+    """The phantom with the head moved by ``transform`` (4x4, world mm) inside the same grid, each
+    map resampled (fibre directions also turned); the scanner, and so B0, stay where they were."""
+    voxel_map = np.linalg.inv(affine) @ np.linalg.inv(transform) @ affine  # output voxel -> input voxel
+    turned = {}
+    for key, volume in phantom.items():
+        if key == 'fibres':
+            continue
+        order = 0 if key in NEAREST_KEYS else 1
+        turned[key] = ndimage.affine_transform(np.asarray(volume, dtype=np.float32), voxel_map[:3, :3],
+                                               voxel_map[:3, 3], order=order).astype(np.asarray(volume).dtype)
+    if 'fibres' in phantom:
+        axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+        voxel_rotation = axes.T @ transform[:3, :3] @ axes
+        fibres = np.stack([ndimage.affine_transform(component, voxel_map[:3, :3], voxel_map[:3, 3], order=1)
+                           for component in phantom['fibres']])
+        fibres = np.einsum('ij,j...->i...', voxel_rotation, fibres)
+        turned['fibres'] = (fibres / np.maximum(np.linalg.norm(fibres, axis=0), 1e-6)).astype(np.float32)
+    return turned
+
+
 def simulate_orientations(bids_dir, turns_deg, voxel_size_mm=3.0, label='01', peak_snr=100.0, seed=0,
-                          anisotropy_ppm=0.0):
+                          anisotropy_ppm=0.0, resample=False):
     """One subject scanned in several head orientations, one ``run-<i>`` each: ``turns_deg`` holds
     per run a turn (degrees, scanner axis) or a sequence of them, the first run the reference.
 
-    ``anisotropy_ppm`` > 0 gives white matter a traceless tensor of that anisotropy (times its
-    fraction) along smooth random fibres; the phantom, with keys anisotropy and fibres, is returned.
+    Without ``resample`` each run keeps the same voxels and only its affine turns (as a scan whose
+    slices follow the head); with it the grid stays and the head turns about its centre inside it,
+    resampled (partial volume, other voxels cut by the field of view), as when the slices do not
+    follow. ``anisotropy_ppm`` > 0 gives white matter a traceless tensor of that anisotropy (times
+    its fraction) along smooth random fibres. Returns the reference phantom (with keys anisotropy
+    and fibres when anisotropic) and per run the 4x4 world transform from run 1 to it.
     """
     write_dataset_description(bids_dir)
     phantom, affine = head_phantom(voxel_size_mm, seed=seed)
@@ -339,13 +378,23 @@ def simulate_orientations(bids_dir, turns_deg, voxel_size_mm=3.0, label='01', pe
         phantom['anisotropy'] = (anisotropy_ppm * phantom['wm_fraction'] * phantom['brain_mask']).astype(np.float32)
         phantom['fibres'] = random_fibre_directions(np.random.default_rng(seed), phantom['chi'].shape,
                                                     np.linalg.norm(affine[:3, :3], axis=0))
+    centre = (affine @ np.append(np.argwhere(phantom['brain_mask']).mean(axis=0), 1))[:3]
+    transforms = []
     for run, turns in enumerate(turns_deg, start=1):
-        run_affine = affine
+        rotation = np.eye(3)
         for degrees, axis in ([turns] if np.isscalar(turns[0]) else turns):
-            run_affine = tilted_affine(run_affine, degrees, axis)
-        megre = simulate_megre(phantom, run_affine, peak_snr=peak_snr, seed=seed + run)
-        write_subject(bids_dir, label, phantom, run_affine, megre, run=run)
-    return phantom
+            rotation = _turn(degrees, axis) @ rotation
+        transform = np.eye(4)
+        if resample:
+            transform[:3, :3], transform[:3, 3] = rotation, centre - rotation @ centre
+            run_affine, run_phantom = affine, (turned_phantom(phantom, affine, transform) if run > 1 else phantom)
+        else:
+            transform[:3, :3] = rotation  # the affine turns about the world origin
+            run_affine, run_phantom = transform @ affine, phantom
+        transforms.append(transform)
+        megre = simulate_megre(run_phantom, run_affine, peak_snr=peak_snr, seed=seed + run)
+        write_subject(bids_dir, label, run_phantom, run_affine, megre, run=run)
+    return phantom, transforms
 
 
 def main():
