@@ -77,6 +77,9 @@ def test_tensor_maps_are_written_with_their_sidecars(multi_orientation_run):
     assert shapes == {'sti': grid + (6,), 'mms': grid, 'msa': grid, 'pev': grid + (3,)}
     sidecar = json.loads((anat / 'sub-01_desc-sti_Chimap.json').read_text())
     assert sidecar['Orientations'] == 4 and sidecar['TensorComponents'][1] == 'chi12' and sidecar['Units'] == 'ppm'
+    assert sidecar['EstimationAlgorithm'].startswith('least squares')
+    cosmos_sidecar = json.loads((anat / 'sub-01_desc-cosmos_Chimap.json').read_text())
+    assert cosmos_sidecar['EstimationAlgorithm'].startswith('COSMOS')
     # This head has no anisotropy: the tensor's mean is its susceptibility.
     mask = image(anat / 'sub-01_desc-brain_mask.nii.gz') > 0
     mms, cosmos = image(anat / 'sub-01_desc-mms_Chimap.nii.gz'), image(anat / 'sub-01_desc-cosmos_Chimap.nii.gz')

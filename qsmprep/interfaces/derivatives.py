@@ -234,10 +234,13 @@ class OrientationsSink(SimpleInterface):
         staged = []
         maps = [('desc-cosmos_Chimap', self.inputs.chimap, np.float32,
                  {'Units': 'ppm', 'Description': 'magnetic susceptibility from every orientation (COSMOS)',
+                  'EstimationAlgorithm': 'COSMOS: masked least squares over the orientations with a gradient '
+                                         'penalty, conjugate gradients',
                   **(self.inputs.chimap_parameters if isdefined(self.inputs.chimap_parameters) else {})}),
                 ('desc-brain_mask', self.inputs.brain_mask, np.uint8,
                  {'Units': 'arbitrary', 'Type': 'Brain',
-                  'Description': 'voxels where the local field of every orientation is valid'})]
+                  'Description': 'voxels where the local field of every orientation is valid',
+                  'EstimationAlgorithm': "intersection of the runs' local-field masks on the first run's grid"})]
         sti_parameters = self.inputs.sti_parameters if isdefined(self.inputs.sti_parameters) else {}
         maps += [(ending, getattr(self.inputs, key), np.float32,
                   {'Units': 'arbitrary' if key == 'pev' else 'ppm', 'Description': description, **sti_parameters})
@@ -245,8 +248,8 @@ class OrientationsSink(SimpleInterface):
         if isdefined(self.inputs.learned_chimap):
             method = self.inputs.learned_method
             maps.append((f'desc-{method}_Chimap', self.inputs.learned_chimap, np.float32,
-                         {'Units': 'ppm', 'Description': f'magnetic susceptibility from every orientation by '
-                                                         f'{INVERSIONS[method].estimation_algorithm}',
+                         {'Units': 'ppm', 'Description': 'magnetic susceptibility from every orientation at once',
+                          'EstimationAlgorithm': INVERSIONS[method].estimation_algorithm,
                           **self.inputs.learned_parameters}))
         for ending, source, dtype, sidecar in maps:
             image = nib.load(source)
@@ -259,7 +262,7 @@ class OrientationsSink(SimpleInterface):
             save_like(np.asanyarray(image.dataobj), reference, temporary, dtype)
             sidecar_path = Path(str(target).replace('.nii.gz', '.json'))
             temporary_sidecar = temporary_path(sidecar_path)
-            temporary_sidecar.write_text(json.dumps({**sidecar, **common}, indent=2) + '\n')
+            temporary_sidecar.write_text(json.dumps({**common, **sidecar}, indent=2) + '\n')
             staged += [(temporary, target), (temporary_sidecar, sidecar_path)]
         for run, transform in zip(runs[1:], self.inputs.transforms):
             name = f'{self.inputs.prefix}_run-{run}_from-run{run}_to-run{runs[0]}_mode-image_xfm.txt'

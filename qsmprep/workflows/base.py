@@ -69,8 +69,7 @@ def _combine_orientations(workflow, runs, series_wfs, settings):
     orientations_wf = init_orientations_wf(b0_dirs=[series.b0_dir for series in runs], sti=sti,
                                            learned_inversion=learned, omp_nthreads=settings.omp_nthreads)
     metadata = {
-        'SkullStripped': True, 'EstimationAlgorithm': 'COSMOS: masked least squares over the orientations with a '
-                                                       'gradient penalty, conjugate gradients',
+        'SkullStripped': True,
         'Sources': [bids_uri(f, settings.bids_dir) for series in runs for f in series.magnitude_files
                     + series.phase_files],
         'MagneticFieldStrength': reference.field_strength_t, 'EchoTime': reference.echo_times_s,
