@@ -504,4 +504,4 @@ def check_user_mask(mask_path, series):
 
 def bids_uri(path, bids_dir):
     """BIDS URI of an input file, relative to the raw dataset (``DatasetLinks`` key ``raw``)."""
-    return 'bids:raw:' + os.path.relpath(path, bids_dir)
+    return 'bids:raw:' + _relative(path, bids_dir)

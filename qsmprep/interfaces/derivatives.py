@@ -121,6 +121,34 @@ def derivative_path(output_dir, series_entities_prefix, subject, session, ending
     return folder / 'anat' / f'{series_entities_prefix}_{ending}.nii.gz'
 
 
+def _sidecar_path(target):
+    return Path(str(target).replace('.nii.gz', '.json'))
+
+
+def _stage(name, source, reference, reference_file, target, dtype, sidecar):
+    """Write the map ``source`` on ``reference``'s grid and its ``sidecar`` under temporary names
+    beside ``target``; returns the (temporary, final) pairs for ``_put_in_place``."""
+    image = nib.load(source)
+    if not on_same_grid(image, reference, atol=1e-4):
+        raise RuntimeError(f'{name} is not on the input grid of {reference_file}')
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary, temporary_sidecar = temporary_path(target), temporary_path(_sidecar_path(target))
+    save_like(np.asanyarray(image.dataobj), reference, temporary, dtype)
+    temporary_sidecar.write_text(json.dumps(sidecar, indent=2) + '\n')
+    return [(temporary, target), (temporary_sidecar, _sidecar_path(target))]
+
+
+def _put_in_place(staged, stale=()):
+    """Rename the staged files into place and remove the ``stale`` ones, uninterrupted; returns
+    the maps written."""
+    with signals_deferred():
+        for temporary, target in staged:
+            os.replace(temporary, target)
+        for path in stale:
+            path.unlink(missing_ok=True)
+    return [str(target) for _, target in staged if str(target).endswith('.nii.gz')]
+
+
 class _SinkInputSpec(BaseInterfaceInputSpec):
     output_dir = Directory(mandatory=True)
     prefix = traits.Str(mandatory=True, desc='BIDS entities of the series, e.g. sub-01_run-1')
@@ -157,30 +185,16 @@ class DerivativesSink(SimpleInterface):
         for key, (ending, units, description) in OUTPUTS.items():
             target = derivative_path(self.inputs.output_dir, self.inputs.prefix, self.inputs.subject,
                                      self.inputs.session, ending)
-            sidecar_path = Path(str(target).replace('.nii.gz', '.json'))
             if key in OPTIONAL_OUTPUTS and not isdefined(getattr(self.inputs, key)):
-                stale += [target, sidecar_path]
+                stale += [target, _sidecar_path(target)]
                 continue
-            image = nib.load(getattr(self.inputs, key))
-            if not on_same_grid(image, reference, atol=1e-4):
-                raise RuntimeError(f'{key} is not on the input grid of {self.inputs.reference_file}')
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = temporary_path(target)
-            save_like(np.asanyarray(image.dataobj), reference, temporary,
-                      np.uint8 if key.endswith('_mask') else np.float32)
             sidecar = {'Units': units, 'Description': description, **self.inputs.metadata,
                        **self.inputs.parameters.get(key, {})}
             if key == 'chimap' and isdefined(self.inputs.chimap_parameters):
                 sidecar.update(self.inputs.chimap_parameters)
-            temporary_sidecar = temporary_path(sidecar_path)
-            temporary_sidecar.write_text(json.dumps(sidecar, indent=2) + '\n')
-            staged += [(temporary, target), (temporary_sidecar, sidecar_path)]
-        with signals_deferred():
-            for temporary, target in staged:
-                os.replace(temporary, target)
-            for path in stale:
-                path.unlink(missing_ok=True)
-        self._results['out_files'] = [str(target) for _, target in staged if str(target).endswith('.nii.gz')]
+            staged += _stage(key, getattr(self.inputs, key), reference, self.inputs.reference_file, target,
+                             np.uint8 if key.endswith('_mask') else np.float32, sidecar)
+        self._results['out_files'] = _put_in_place(staged, stale)
         return runtime
 
 
@@ -252,18 +266,10 @@ class OrientationsSink(SimpleInterface):
                           'EstimationAlgorithm': INVERSIONS[method].estimation_algorithm,
                           **self.inputs.learned_parameters}))
         for ending, source, dtype, sidecar in maps:
-            image = nib.load(source)
-            if not on_same_grid(image, reference, atol=1e-4):
-                raise RuntimeError(f'{ending} is not on the grid of {self.inputs.reference_file}')
             target = derivative_path(self.inputs.output_dir, self.inputs.prefix, self.inputs.subject,
                                      self.inputs.session, ending)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = temporary_path(target)
-            save_like(np.asanyarray(image.dataobj), reference, temporary, dtype)
-            sidecar_path = Path(str(target).replace('.nii.gz', '.json'))
-            temporary_sidecar = temporary_path(sidecar_path)
-            temporary_sidecar.write_text(json.dumps({**common, **sidecar}, indent=2) + '\n')
-            staged += [(temporary, target), (temporary_sidecar, sidecar_path)]
+            staged += _stage(ending, source, reference, self.inputs.reference_file, target, dtype,
+                             {**common, **sidecar})
         for run, transform in zip(runs[1:], self.inputs.transforms):
             name = f'{self.inputs.prefix}_run-{run}_from-run{run}_to-run{runs[0]}_mode-image_xfm.txt'
             target = derivative_path(self.inputs.output_dir, self.inputs.prefix, self.inputs.subject,
@@ -271,8 +277,5 @@ class OrientationsSink(SimpleInterface):
             temporary = temporary_path(target)
             temporary.write_bytes(Path(transform).read_bytes())
             staged.append((temporary, target))
-        with signals_deferred():
-            for temporary, target in staged:
-                os.replace(temporary, target)
-        self._results['out_files'] = [str(target) for _, target in staged if str(target).endswith('.nii.gz')]
+        self._results['out_files'] = _put_in_place(staged)
         return runtime

@@ -4,13 +4,13 @@ import os
 
 import nibabel as nib
 import numpy as np
-from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject, SimpleInterface, TraitedSpec,
-                                    traits)
+from nipype.interfaces.base import File, InputMultiObject, TraitedSpec, traits
 
 from ..files import write_itk_transform
 from ..nifti import save_like
 from ..science import orientations, registration
-from ..science.physics import voxel_size_from_affine
+from ..science.physics import TENSOR_COMPONENTS, voxel_size_from_affine
+from .qsm import ThreadedInputSpec, ThreadedInterface
 
 
 def _first_volume(path):
@@ -20,14 +20,13 @@ def _first_volume(path):
     return (data[..., 0] if data.ndim == 4 else data), image
 
 
-class _RegisterInputSpec(BaseInterfaceInputSpec):
+class _RegisterInputSpec(ThreadedInputSpec):
     magnitudes = InputMultiObject(File(exists=True), mandatory=True, desc='one per run, the reference first (4-D)')
     brain_masks = InputMultiObject(File(exists=True), mandatory=True, desc='one per run')
     local_fields = InputMultiObject(File(exists=True), mandatory=True, desc='ppm, one per run')
     localfield_masks = InputMultiObject(File(exists=True), mandatory=True, desc='one per run')
     b0_dirs = traits.List(traits.List(traits.Float, minlen=3, maxlen=3), mandatory=True,
                           desc='B0 direction of each run in its own voxel axes')
-    num_threads = traits.Int(1, usedefault=True)
 
 
 class _RegisterOutputSpec(TraitedSpec):
@@ -38,13 +37,13 @@ class _RegisterOutputSpec(TraitedSpec):
     registration = traits.List(traits.Dict, desc='per run after the first: angle, shift and final metric')
 
 
-class RegisterOrientations(SimpleInterface):
+class RegisterOrientations(ThreadedInterface):
     """Register each run's first-echo magnitude onto the reference run's, resample its local
     field (linear) and mask (nearest neighbour) onto the reference grid, and rotate its B0."""
     input_spec = _RegisterInputSpec
     output_spec = _RegisterOutputSpec
 
-    def _run_interface(self, runtime):
+    def _compute(self):
         reference, reference_image = _first_volume(self.inputs.magnitudes[0])
         reference_mask = np.asanyarray(nib.load(self.inputs.brain_masks[0]).dataobj) > 0
         local_fields, masks = [self.inputs.local_fields[0]], [self.inputs.localfield_masks[0]]
@@ -75,15 +74,13 @@ class RegisterOrientations(SimpleInterface):
                             'MattesMutualInformation': round(transform.cost, 5)})
         self._results.update(transforms=transforms, local_fields=local_fields, localfield_masks=masks,
                              b0_dirs=b0_dirs, registration=details)
-        return runtime
 
 
-class _CosmosInputSpec(BaseInterfaceInputSpec):
+class _CosmosInputSpec(ThreadedInputSpec):
     local_fields = InputMultiObject(File(exists=True), mandatory=True, desc='ppm, all on the reference grid')
     masks = InputMultiObject(File(exists=True), mandatory=True, desc='where each field is valid')
     b0_dirs = traits.List(traits.List(traits.Float, minlen=3, maxlen=3), mandatory=True,
                           desc='B0 of each field in the reference voxel axes')
-    num_threads = traits.Int(1, usedefault=True)
 
 
 class _CosmosOutputSpec(TraitedSpec):
@@ -102,23 +99,18 @@ def _combined_fields(local_fields, masks):
     return fields, mask, reference
 
 
-class Cosmos(SimpleInterface):
+class Cosmos(ThreadedInterface):
     """COSMOS over the voxels where every orientation's local field is valid."""
     input_spec = _CosmosInputSpec
     output_spec = _CosmosOutputSpec
 
-    def _run_interface(self, runtime):
-        import scipy.fft
-
+    def _compute(self):
         fields, mask, reference = _combined_fields(self.inputs.local_fields, self.inputs.masks)
-        with scipy.fft.set_workers(max(1, self.inputs.num_threads)):
-            chi = orientations.cosmos(fields * mask, mask, voxel_size_from_affine(reference.affine),
-                                      self.inputs.b0_dirs)
+        chi = orientations.cosmos(fields * mask, mask, voxel_size_from_affine(reference.affine), self.inputs.b0_dirs)
         self._results['chi'] = save_like(chi, reference, os.path.abspath('chi.nii'))
         self._results['mask'] = save_like(mask, reference, os.path.abspath('mask.nii'), np.uint8)
         self._results['parameters'] = {'GradientWeight': orientations.COSMOS_GRADIENT_WEIGHT,
                                        'Orientations': len(fields)}
-        return runtime
 
 
 class _StiOutputSpec(TraitedSpec):
@@ -129,19 +121,16 @@ class _StiOutputSpec(TraitedSpec):
     parameters = traits.Dict(desc='sidecar keys')
 
 
-class Sti(SimpleInterface):
+class Sti(ThreadedInterface):
     """The susceptibility tensor by least squares and its eigen-decomposition maps, over the voxels
     where every orientation's local field is valid."""
     input_spec = _CosmosInputSpec
     output_spec = _StiOutputSpec
 
-    def _run_interface(self, runtime):
-        import scipy.fft
-
+    def _compute(self):
         fields, mask, reference = _combined_fields(self.inputs.local_fields, self.inputs.masks)
-        with scipy.fft.set_workers(max(1, self.inputs.num_threads)):
-            tensor = orientations.sti_least_squares(fields * mask, mask, voxel_size_from_affine(reference.affine),
-                                                    self.inputs.b0_dirs)
+        tensor = orientations.sti_least_squares(fields * mask, mask, voxel_size_from_affine(reference.affine),
+                                                self.inputs.b0_dirs)
         mms, msa, pev = orientations.tensor_maps(tensor, mask)
         for key, volumes in (('tensor', tensor), ('mms', mms), ('msa', msa), ('pev', pev)):
             data = np.moveaxis(volumes, 0, -1) if volumes.ndim == 4 else volumes  # NIfTI: volumes last
@@ -149,5 +138,4 @@ class Sti(SimpleInterface):
         self._results['parameters'] = {'EstimationAlgorithm': 'least squares over the tensor model, conjugate '
                                                               'gradients stopped early',
                                        'Iterations': orientations.STI_ITERATIONS, 'Orientations': len(fields),
-                                       'TensorComponents': ['chi11', 'chi12', 'chi13', 'chi22', 'chi23', 'chi33']}
-        return runtime
+                                       'TensorComponents': [f'chi{i + 1}{j + 1}' for i, j in TENSOR_COMPONENTS]}

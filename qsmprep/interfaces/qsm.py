@@ -39,11 +39,11 @@ def _weighting_magnitude(path):
     return masking.combined_magnitude(magnitude) if magnitude.ndim == 4 else magnitude
 
 
-class _ThreadedInputSpec(BaseInterfaceInputSpec):
+class ThreadedInputSpec(BaseInterfaceInputSpec):
     num_threads = traits.Int(1, usedefault=True, desc='threads for the FFTs')
 
 
-class _ThreadedInterface(SimpleInterface):
+class ThreadedInterface(SimpleInterface):
     """Runs ``_compute`` with the FFT worker count set from ``num_threads``."""
 
     def _run_interface(self, runtime):
@@ -52,7 +52,7 @@ class _ThreadedInterface(SimpleInterface):
         return runtime
 
 
-class _LoadMEGREInputSpec(_ThreadedInputSpec):
+class _LoadMEGREInputSpec(ThreadedInputSpec):
     magnitude_files = InputMultiObject(File(exists=True), mandatory=True, desc='one 3-D file per echo')
     phase_files = InputMultiObject(File(exists=True), mandatory=True, desc='one 3-D file per echo')
     phase_range = traits.Either(None, traits.Tuple(traits.Float, traits.Float), usedefault=True,
@@ -157,7 +157,7 @@ class BrainMask(SimpleInterface):
         return runtime
 
 
-class _UnwrapInputSpec(_ThreadedInputSpec):
+class _UnwrapInputSpec(ThreadedInputSpec):
     phase = File(exists=True, mandatory=True, desc='4-D wrapped phase (rad)')
     magnitude = File(exists=True, mandatory=True, desc='4-D magnitude')
     mask = File(exists=True, mandatory=True)
@@ -169,7 +169,7 @@ class _UnwrapOutputSpec(TraitedSpec):
     unwrapped_phase = File(exists=True, desc='4-D unwrapped phase (rad)')
 
 
-class UnwrapPhase(_ThreadedInterface):
+class UnwrapPhase(ThreadedInterface):
     """Unwrap multi-echo phase consistently across echoes."""
     input_spec = _UnwrapInputSpec
     output_spec = _UnwrapOutputSpec
@@ -183,7 +183,7 @@ class UnwrapPhase(_ThreadedInterface):
         self._results['unwrapped_phase'] = _save(unwrapped, image, 'unwrapped_phase.nii')
 
 
-class _TotalFieldInputSpec(_ThreadedInputSpec):
+class _TotalFieldInputSpec(ThreadedInputSpec):
     unwrapped_phase = File(exists=True, mandatory=True)
     magnitude = File(exists=True, mandatory=True)
     mask = File(exists=True, mandatory=True)
@@ -220,7 +220,7 @@ class FitTotalField(SimpleInterface):
         return runtime
 
 
-class _BackgroundInputSpec(_ThreadedInputSpec):
+class _BackgroundInputSpec(ThreadedInputSpec):
     total_field = File(exists=True, mandatory=True, desc='ppm')
     mask = File(exists=True, mandatory=True)
     b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc='in voxel axes')
@@ -232,7 +232,7 @@ class _BackgroundOutputSpec(TraitedSpec):
     mask = File(exists=True, desc='the mask on which the local field is valid')
 
 
-class RemoveBackground(_ThreadedInterface):
+class RemoveBackground(ThreadedInterface):
     """Background field removal."""
     input_spec = _BackgroundInputSpec
     output_spec = _BackgroundOutputSpec
@@ -246,7 +246,7 @@ class RemoveBackground(_ThreadedInterface):
         self._results['mask'] = _save(valid, image, 'local_field_mask.nii', np.uint8)
 
 
-class _InvertInputSpec(_ThreadedInputSpec):
+class _InvertInputSpec(ThreadedInputSpec):
     local_fields = InputMultiObject(File(exists=True), mandatory=True,
                                     desc='ppm, one per head orientation, all on the grid of the mask')
     mask = File(exists=True, mandatory=True)
@@ -263,7 +263,7 @@ class _InvertOutputSpec(TraitedSpec):
     parameters = traits.Dict(desc='what the method chose for this dataset (sidecar keys)')
 
 
-class Invert(_ThreadedInterface):
+class Invert(ThreadedInterface):
     """Dipole inversion of one or several orientations' local fields, referenced to the mean over
     the mask."""
     input_spec = _InvertInputSpec
@@ -283,7 +283,7 @@ class Invert(_ThreadedInterface):
         self._results['parameters'] = parameters
 
 
-class _SeparateSourcesInputSpec(_ThreadedInputSpec):
+class _SeparateSourcesInputSpec(ThreadedInputSpec):
     local_field = File(exists=True, mandatory=True, desc='ppm')
     r2star = File(exists=True, mandatory=True, desc='1/s')
     mask = File(exists=True, mandatory=True, desc='where the local field is valid')
@@ -297,7 +297,7 @@ class _SeparateSourcesOutputSpec(TraitedSpec):
     chi_diamagnetic = File(exists=True, desc='chi- in ppm, stored as a non-negative magnitude')
 
 
-class SeparateSources(_ThreadedInterface):
+class SeparateSources(ThreadedInterface):
     """Chi-separation into paramagnetic and diamagnetic susceptibility from local field and R2'."""
     input_spec = _SeparateSourcesInputSpec
     output_spec = _SeparateSourcesOutputSpec
