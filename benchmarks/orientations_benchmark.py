@@ -12,14 +12,17 @@ with ``--same-voxels`` only the affine turns, so registration has the same voxel
 
 - registration: each run's transform against the known one (largest displacement over the brain,
   rotation error);
-- COSMOS from the first 2, 3, 4 and all 6 runs (the app's COSMOS node on its own registered
-  fields), against TV and LP-CNN on run 1 alone; susceptibility NRMSE, HFEN and XSIM over the true
-  brain inside the combined mask, referenced to its mean;
-- least-squares STI from 4 and 6 runs: MMS NRMSE, median principal-eigenvector error in white matter
-  (fraction > 0.8) and MSA correlation over the brain;
-- both also from the true local fields of the runs, brought onto run 1's grid by the known transforms
-  and masked to the true brains: what the inversion alone makes of perfect fields;
-- seconds of each stage on this machine.
+- COSMOS from the first 2, 3, 4 and all 6 runs (the app's COSMOS method on its own registered
+  fields), against TV and LP-CNN on run 1 alone and LP-CNN on the first 4 runs; susceptibility
+  NRMSE, HFEN and XSIM over the true brain inside the combined mask, referenced to its mean;
+- the tensor by least squares from 4 and 6 runs and by the shipped DeepSTI from 1, 3, 4 and 6:
+  MMS NRMSE, median principal-eigenvector error in white matter (fraction > 0.8) and MSA
+  correlation over the brain (``metrics.sti_scores``);
+- COSMOS and the tensor also from true local fields: each run's field of the reference head computed on
+  run 1's grid with that run's true B0 direction there, in the true brain: what the inversion alone
+  makes of perfect fields;
+- seconds of each stage on this machine, for the 6 runs and for the first 4 alone with
+  ``--sti deepsti`` (the learned rows need torch).
 
 Nothing here is tuned on the in-vivo data.
 """
@@ -39,19 +42,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.simulate_bids import simulate_orientations  # noqa: E402
+from benchmarks.simulate_bids import simulate_orientations, true_local_field  # noqa: E402
 from qsmprep import methods  # noqa: E402
 from qsmprep.files import read_itk_transform  # noqa: E402
 from qsmprep.learned import missing_torch_message  # noqa: E402
 from qsmprep.science import metrics, orientations, registration  # noqa: E402
-from qsmprep.science.physics import voxel_size_from_affine  # noqa: E402
+from qsmprep.science.physics import TENSOR_COMPONENTS, traceless_tensor, voxel_size_from_affine  # noqa: E402
 
 TURNS = [(0, 0), (25, 0), (25, 1), (-25, 0), (-25, 1), ((20, 0), (20, 1))]
 ANISOTROPY_PPM = 0.02
 SUBSETS = (2, 3, 4, 6)
 STI_SUBSETS = (4, 6)
+DEEPSTI_SUBSETS = (1, 3, 4, 6)
 STAGES = ('load_megre', 'brain_mask', 'unwrap_phase', 'fit_total_field', 'remove_background', 'invert',
-          'register_orientations', 'cosmos', 'least_squares_sti')
+          'register_orientations', 'cosmos', 'sti_tensor')
 
 
 def _load(path):
@@ -117,40 +121,58 @@ def score_head(seed, voxel_size, data_dir, resample):
         mask = np.logical_and.reduce(masks[:count])
         chi = orientations.cosmos(fields[:count] * mask, mask, voxel, outputs.b0_dirs[:count])
         scores[f'COSMOS, {count} runs'] = chi_scores(chi, true_chi, evaluation)
-    if not missing_torch_message('lpcnn'):
-        chi, _ = methods.invert('lpcnn', [fields[0]], masks[0], voxel, [outputs.b0_dirs[0]])
+    learned_missing = missing_torch_message('lpcnn')
+    if not learned_missing:
+        chi, _ = methods.invert('lpcnn', [fields[0]], masks[0], voxel, [outputs.b0_dirs[0]], threads=os.cpu_count())
         scores['LP-CNN, run 1'] = chi_scores(chi, true_chi, evaluation)
-    truth = bids_dir / 'derivatives' / 'truth' / 'sub-01' / 'anat'
-    true_fields, true_masks = [], []
-    for run, transform in enumerate(transforms, start=1):
-        known = registration.RigidTransform(rotation=transform[:3, :3], translation=transform[:3, 3])
-        for name, order, collected in (('desc-local_fieldmap', 1, true_fields), ('desc-brain_mask', 0, true_masks)):
-            collected.append(registration.resample(_load(truth / f'sub-01_run-{run}_{name}.nii.gz'),
-                                                   run_image[run - 1].affine, run_image[0].affine, brain.shape,
-                                                   known, order=order))
-    true_masks = np.stack(true_masks) > 0
-    true_fields = np.stack(true_fields) * true_masks
+        mask = np.logical_and.reduce(masks[:4])
+        chi, _ = methods.invert('lpcnn', list(fields[:4] * mask), mask, voxel, outputs.b0_dirs[:4],
+                                threads=os.cpu_count())
+        scores['LP-CNN, 4 runs'] = chi_scores(chi, true_chi, evaluation)
+    # Perfect fields: each run's local field of the reference head computed on run 1's grid with that
+    # run's true B0 there (as the simulator computes run 1's), so that these rows measure the inversion
+    # alone, without the error of resampling the turned heads' fields back.
+    true_b0_dirs = [registration.b0_direction_in_reference(
+        registration.RigidTransform(rotation=transform[:3, :3], translation=transform[:3, 3]), run_image[0].affine)
+        for transform in transforms]
+    true_masks = np.repeat(brain[np.newaxis], len(TURNS), axis=0)
+    true_fields = np.stack([true_local_field(phantom, voxel, b0_dir) for b0_dir in true_b0_dirs]) * brain
     for count in SUBSETS:
-        mask = np.logical_and.reduce(true_masks[:count])
-        chi = orientations.cosmos(true_fields[:count] * mask, mask, voxel, outputs.b0_dirs[:count])
+        chi = orientations.cosmos(true_fields[:count], brain, voxel, true_b0_dirs[:count])
         scores[f'COSMOS, {count} runs, true local fields'] = chi_scores(chi, true_chi, evaluation)
     white_matter = brain & (phantom['wm_fraction'] > 0.8)
-    true_msa = phantom['anisotropy']
-    for count in STI_SUBSETS:
-        for source, data, data_masks in (('', fields, masks), (', true local fields', true_fields, true_masks)):
-            mask = np.logical_and.reduce(data_masks[:count])
-            tensor = orientations.sti_least_squares(data[:count] * mask, mask, voxel, outputs.b0_dirs[:count])
-            mms, msa, pev = orientations.tensor_maps(tensor, mask)
-            inside = mask & brain
-            angle = np.degrees(np.arccos(np.clip(np.abs((pev * phantom['fibres']).sum(axis=0)), 0, 1)))
-            scores[f'STI, {count} runs{source}'] = {
-                'MMS NRMSE': metrics.nrmse(mms, true_chi, inside),
-                'PEV error in WM (deg)': float(np.median(angle[white_matter & mask])),
-                'MSA correlation': float(np.corrcoef(msa[inside], true_msa[inside])[0, 1])}
+    true_tensor = traceless_tensor(phantom['anisotropy'], phantom['fibres']) + true_chi * np.array(
+        [float(i == j) for i, j in TENSOR_COMPONENTS], dtype=np.float32)[:, None, None, None]
+    sti_methods = [('STI', 'ls', STI_SUBSETS)] + ([] if learned_missing else [('DeepSTI', 'deepsti', DEEPSTI_SUBSETS)])
+    for name, method, subsets in sti_methods:
+        for count in subsets:
+            for source, data, data_masks, b0_dirs in (('', fields, masks, outputs.b0_dirs),
+                                                      (', true local fields', true_fields, true_masks, true_b0_dirs)):
+                mask = np.logical_and.reduce(data_masks[:count])
+                tensor, _ = methods.susceptibility_tensor(method, data[:count] * mask, mask, voxel, b0_dirs[:count],
+                                                          threads=os.cpu_count())
+                scores[f'{name}, {count} run{"s" if count > 1 else ""}{source}'] = metrics.sti_scores(
+                    tensor, true_tensor, mask & brain, white_matter)
     scores['seconds'] = {stage: node_seconds(work_dir, stage) for stage in STAGES}
     scores['seconds']['whole command'] = wall
+    if not learned_missing:
+        scores['seconds, 4 runs, --sti deepsti'] = time_four_runs(bids_dir, data_dir / f'four_runs_{seed}')
     scores['grid'] = 'x'.join(map(str, brain.shape))
     return scores
+
+
+def time_four_runs(bids_dir, folder):
+    """Seconds of each stage of the app on the first 4 runs alone, with DeepSTI's tensor."""
+    shutil.rmtree(folder, ignore_errors=True)
+    four_runs = folder / 'bids'
+    shutil.copytree(bids_dir, four_runs, ignore=lambda directory, names: [
+        name for name in names if name == 'derivatives' or any(f'_run-{run}_' in name for run in (5, 6))])
+    command = [str(Path(sys.executable).with_name('qsmprep')), str(four_runs), str(folder / 'out'), 'participant',
+               '-w', str(folder / 'work'), '--multi-orientation', '--sti', 'deepsti', '--no-chi-separation']
+    started = time.time()
+    subprocess.run(command, check=True)
+    wall = time.time() - started
+    return {**{stage: node_seconds(folder / 'work', stage) for stage in STAGES}, 'whole command': wall}
 
 
 def write_table(path, results, command, voxel_size, resample):
@@ -174,9 +196,9 @@ def write_table(path, results, command, voxel_size, resample):
         lines.append(f'| {key} | ' + ' | '.join(
             f'{results[s][key]["NRMSE"]:.1f} / {results[s][key]["HFEN"]:.1f} / {results[s][key]["XSIM"]:.3f}'
             for s in seeds) + ' |')
-    lines += ['', '## Least-squares STI (MMS NRMSE % / median PEV error in white matter, degrees / MSA correlation)',
-              '', header.rstrip('\n')]
-    for key in [key for key in results[seeds[0]] if key.startswith('STI')]:
+    lines += ['', '## The tensor: least-squares STI and DeepSTI (MMS NRMSE % / median PEV error in white matter, '
+                  'degrees / MSA correlation)', '', header.rstrip('\n')]
+    for key in [key for key in results[seeds[0]] if key.startswith(('STI', 'DeepSTI'))]:
         lines.append(f'| {key} | ' + ' | '.join(
             f'{results[s][key]["MMS NRMSE"]:.1f} / {results[s][key]["PEV error in WM (deg)"]:.1f} / '
             f'{results[s][key]["MSA correlation"]:.2f}' for s in seeds) + ' |')
@@ -184,6 +206,11 @@ def write_table(path, results, command, voxel_size, resample):
               header.rstrip('\n')]
     for stage in list(results[seeds[0]]['seconds']):
         lines.append(f'| {stage} | ' + ' | '.join(f'{results[s]["seconds"][stage]:.1f}' for s in seeds) + ' |')
+    four_runs = 'seconds, 4 runs, --sti deepsti'
+    if four_runs in results[seeds[0]]:
+        lines += ['', '## Seconds of a 4-run subject with `--sti deepsti` on this machine', '', header.rstrip('\n')]
+        for stage in list(results[seeds[0]][four_runs]):
+            lines.append(f'| {stage} | ' + ' | '.join(f'{results[s][four_runs][stage]:.1f}' for s in seeds) + ' |')
     lines.append('| grid (voxels) | ' + ' | '.join(results[s]['grid'] for s in seeds) + ' |')
     Path(path).write_text('\n'.join(lines) + '\n')
 

@@ -8,7 +8,8 @@ through ``learned.models`` (imported only then, so that the classical pipeline n
 """
 from dataclasses import dataclass, field
 
-from .science import inversion
+from .science import inversion, orientations
+from .science.physics import TENSOR_COMPONENTS
 
 
 @dataclass(frozen=True)
@@ -96,3 +97,44 @@ def invert(method, local_fields_ppm, mask, voxel_size, b0_dirs, magnitude=None, 
         chi, parameters = inversion.invert(local_fields_ppm[0], mask, voxel_size, b0_dirs[0], method=method,
                                            magnitude=magnitude, **options)
     return inversion.reference_to_mask_mean(chi, mask), parameters
+
+
+@dataclass(frozen=True)
+class TensorMethod:
+    name: str
+    summary: str  # for users: help and README
+    estimation_algorithm: str  # the tensor maps' sidecar EstimationAlgorithm
+    citation: str
+    learned: bool = False
+
+
+STI_METHODS = {method.name: method for method in (
+    TensorMethod(
+        'ls', 'least squares over the tensor model; 6 or more orientations determine the tensor',
+        'least squares over the tensor model, conjugate gradients stopped early',
+        'Liu C. Susceptibility tensor imaging. Magn Reson Med 2010;63:1471-1477.'),
+    TensorMethod(
+        'deepsti', 'the learned DeepSTI shipped with qsmprep, from 1 to 6+ orientations; needs torch',
+        'learned proximal gradient descent on the tensor model (DeepSTI, Fang et al. 2023), trained by '
+        'qsmprep-train on simulated tensor phantoms; model card inside the package',
+        'Fang Z, Lai KW, van Zijl P, Li X, Sulam J. DeepSTI: Towards tensor reconstruction using fewer orientations '
+        'in susceptibility tensor imaging. Med Image Anal 2023;87:102829.', learned=True),
+)}
+
+
+def susceptibility_tensor(method, local_fields_ppm, mask, voxel_size, b0_dirs, threads=1):
+    """The susceptibility tensor (6, *shape) in ppm (``physics.TENSOR_COMPONENTS``, voxel axes, 0
+    outside ``mask``) by the registered STI ``method`` from the local fields (N, *shape) of N
+    orientations with their B0 directions (voxel axes), and its sidecar entries."""
+    parameters = {'EstimationAlgorithm': STI_METHODS[method].estimation_algorithm,
+                  'Orientations': len(local_fields_ppm),
+                  'TensorComponents': [f'chi{i + 1}{j + 1}' for i, j in TENSOR_COMPONENTS]}
+    if STI_METHODS[method].learned:
+        import torch
+
+        from .learned.models import tensor_with_shipped_deepsti
+        torch.set_num_threads(max(1, threads))
+        tensor, model = tensor_with_shipped_deepsti(list(local_fields_ppm), mask, voxel_size, list(b0_dirs))
+        return tensor, {**parameters, **model}
+    tensor = orientations.sti_least_squares(local_fields_ppm, mask, voxel_size, b0_dirs)
+    return tensor, {**parameters, 'Iterations': orientations.STI_ITERATIONS}

@@ -31,7 +31,7 @@ class Settings:
     masking: str = 'two-pass'
     chi_separation: bool = True
     multi_orientation: bool = False  # the runs of one head are its orientations: register, COSMOS
-    sti: Optional[str] = None  # 'ls': tensor maps by least squares even below 6 orientations
+    sti: Optional[str] = None  # a methods.STI_METHODS name: the tensor maps, also below 6 orientations
     nprocs: int = 1
     omp_nthreads: int = 1  # resolved: threads of one process
     resource_monitor: bool = False

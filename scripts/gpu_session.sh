@@ -27,24 +27,30 @@
 # 48.0 %, but the brains without disturbance went from 30.4 to 31.0 %.
 # One core simulates a 96^3 batch of 4 in about 9 s, so qsmprep-train's default of one simulation
 # worker per CPU core but one (15 there) is what keeps the GPU busy.
+#
+# MODEL=deepsti resumes the shipped DeepSTI instead (qsmprep/learned/models/deepsti/; large patches,
+# e.g. --patch-size 64 --batch-size 4, are again the first thing to try) and times it on 160^3 with
+# 6 orientations.
 set -euo pipefail
-minutes=${1:?usage: bash scripts/gpu_session.sh MINUTES [qsmprep-train arguments]}
+minutes=${1:?usage: [MODEL=lpcnn|deepsti] bash scripts/gpu_session.sh MINUTES [qsmprep-train arguments]}
 shift
 out=${OUT:?OUT must name the folder to leave the results in}
+model=${MODEL:-lpcnn}
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
 mkdir -p "$out/model"
-cp qsmprep/learned/models/lpcnn/checkpoint.pt qsmprep/learned/models/lpcnn/training_log.jsonl "$out/model/"
+cp "qsmprep/learned/models/$model/checkpoint.pt" "qsmprep/learned/models/$model/training_log.jsonl" "$out/model/"
 # SIGTERM at the time limit ends training after the current step with checkpoint and card written.
-timeout --signal=TERM "${minutes}m" python3 -m qsmprep.cli.train lpcnn --out "$out/model" \
+timeout --signal=TERM "${minutes}m" python3 -m qsmprep.cli.train "$model" --out "$out/model" \
     --resume "$out/model/checkpoint.pt" --steps 10000000 --device cuda --checkpoint-every 200 --log-every 20 \
     "$@" || [ $? -eq 124 ]
 
 python3 - "$out/model" <<'EOF' | tee "$out/gpu_timing.txt"
-"""Seconds of LP-CNN inference on a 160^3 box on the GPU, and its agreement with the CPU."""
+"""Seconds of LP-CNN or DeepSTI inference on a 160^3 box on the GPU, and its agreement with the CPU."""
+import functools
 import sys
 import time
 
@@ -52,28 +58,40 @@ import numpy as np
 import torch
 
 from qsmprep.learned import lpcnn
+from qsmprep.learned.deepsti import DeepSTI, deepsti_invert
 from qsmprep.learned.models import load_model
 from qsmprep.science.physics import DipoleOperator
 
 model = load_model(sys.argv[1])
-shape, voxel_size, b0_dir = (160, 160, 160), (1.0, 1.0, 1.0), np.array([0.0, 0.0, 1.0])
+shape, voxel_size = (160, 160, 160), (1.0, 1.0, 1.0)
+tilts = np.radians([0, 25, -25, 25, -25, 20])
+b0_dirs = np.array([[np.sin(t), 0, np.cos(t)] if i in (1, 2) else [0, np.sin(t), np.cos(t)]
+                    for i, t in enumerate(tilts)])
 grid = np.indices(shape).astype(np.float32) - 79.5
 mask = (grid ** 2).sum(axis=0) < 70 ** 2
 chi = np.where(mask, 0.05 * np.sin(grid[0] / 7) * np.cos(grid[1] / 11), 0).astype(np.float32)
-field = np.where(mask, DipoleOperator(shape, voxel_size, b0_dir, pad_factor=1.5).forward(chi), 0)
+field = np.where(mask, DipoleOperator(shape, voxel_size, b0_dirs[0], pad_factor=1.5).forward(chi), 0)
+if isinstance(model, DeepSTI):
+    name, cpu_options = 'DeepSTI (6 orientations)', {}
+    fields = [np.where(mask, DipoleOperator(shape, voxel_size, b0_dir, pad_factor=1.5).forward(chi), 0)
+              for b0_dir in b0_dirs]
+    invert = functools.partial(deepsti_invert, fields, mask, voxel_size, b0_dirs, model)
+else:
+    # float32 on the CPU too: on a CPU with bfloat16 instructions 'auto' would measure bfloat16's error.
+    name, cpu_options = 'LP-CNN', {'precision': 'float32'}
+    invert = functools.partial(lpcnn.lpcnn_invert, field, mask, voxel_size, b0_dirs[0], model)
 
-lpcnn.lpcnn_invert(field, mask, voxel_size, b0_dir, model, device='cuda')  # warm-up
+invert(device='cuda')  # warm-up
 seconds = []
 for _ in range(3):
     torch.cuda.synchronize()
     start = time.perf_counter()
-    on_gpu = lpcnn.lpcnn_invert(field, mask, voxel_size, b0_dir, model, device='cuda')
+    on_gpu = invert(device='cuda')
     torch.cuda.synchronize()
     seconds.append(time.perf_counter() - start)
-# float32 on the CPU too: on a CPU with bfloat16 instructions 'auto' would measure bfloat16's error.
-on_cpu = lpcnn.lpcnn_invert(field, mask, voxel_size, b0_dir, model, device='cpu', precision='float32')
+on_cpu = invert(device='cpu', **cpu_options)
 difference = np.abs(on_gpu - on_cpu).max() / np.abs(on_cpu).max()
-print(f'{torch.cuda.get_device_name()}: LP-CNN on 160^3 in {min(seconds):.2f} s (best of 3 after a warm-up), '
+print(f'{torch.cuda.get_device_name()}: {name} on 160^3 in {min(seconds):.2f} s (best of 3 after a warm-up), '
       f'peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB; '
       f'largest GPU-CPU difference {difference:.1e} of the largest value')
 EOF

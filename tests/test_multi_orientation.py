@@ -1,6 +1,6 @@
 """The BIDS App on one head scanned in four orientations (3 mm, one run each) with
 --multi-orientation --sti ls: each run registered onto the first, combined by COSMOS and
-least-squares STI on its grid."""
+least-squares STI on its grid; then LP-CNN and DeepSTI on the same registered fields."""
 import json
 import shutil
 
@@ -102,3 +102,28 @@ def test_lpcnn_takes_every_registered_orientation(simulated_run, run_qsmprep, tm
     true_chi = image(truth / 'sub-01_run-1_Chimap.nii.gz')
     # 3 mm is outside the shipped model's 0.6-1.5 mm: a loose bar, as for one orientation in test_cli.
     assert metrics.nrmse(image(anat / 'sub-01_desc-lpcnn_Chimap.nii.gz'), true_chi, evaluation) < 80
+
+
+def test_deepsti_writes_the_tensor_from_four_orientations(simulated_run, run_qsmprep, tmp_path):
+    pytest.importorskip('torch')
+    work_dir, output_dir = tmp_path / 'work', tmp_path / 'out'
+    shutil.copytree(simulated_run / 'work', work_dir)  # the fields and the registration are reused
+    result = run_qsmprep(simulated_run / 'bids', output_dir, 'participant', '-w', work_dir, '--nprocs', '2',
+                         '--multi-orientation', '--sti', 'deepsti')
+    assert result.returncode == 0, result.stderr
+    anat = output_dir / 'sub-01' / 'anat'
+    sidecar = json.loads((anat / 'sub-01_desc-sti_Chimap.json').read_text())
+    assert sidecar['Model'] == 'DeepSTI' and sidecar['Orientations'] == 4
+    assert sidecar['EstimationAlgorithm'].startswith('learned proximal gradient descent on the tensor model')
+    grid = nib.load(anat / 'sub-01_desc-cosmos_Chimap.nii.gz').shape
+    assert nib.load(anat / 'sub-01_desc-sti_Chimap.nii.gz').shape == grid + (6,)
+    mask = image(anat / 'sub-01_desc-brain_mask.nii.gz') > 0
+    mms, cosmos = image(anat / 'sub-01_desc-mms_Chimap.nii.gz'), image(anat / 'sub-01_desc-cosmos_Chimap.nii.gz')
+    assert np.corrcoef(mms[mask], cosmos[mask])[0, 1] > 0.7
+
+
+def test_sti_without_multi_orientation_is_refused(simulated_run, run_qsmprep, tmp_path):
+    result = run_qsmprep(simulated_run / 'bids', tmp_path / 'out', 'participant', '-w', tmp_path / 'work',
+                         '--sti', 'ls')
+    assert result.returncode == 2 and 'add --multi-orientation' in result.stderr
+    assert not (tmp_path / 'out' / 'sub-01').exists()

@@ -3,6 +3,7 @@ import re
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from benchmarks.simulate_bids import voxel_averaged_field
 from qsmprep.files import read_itk_transform
@@ -59,3 +60,10 @@ def test_cosmos_and_sti_tools(head, tmp_path, run_tool):
     assert nib.load(tmp_path / 'sub-01_desc-sti_Chimap.nii.gz').shape == head.chi.shape + (6,)
     assert nib.load(tmp_path / 'sub-01_desc-pev_Chimap.nii.gz').shape == head.chi.shape + (3,)
     assert nib.load(tmp_path / 'sub-01_desc-msa_Chimap.nii.gz').shape == head.chi.shape
+    pytest.importorskip('torch')
+    result = run_tool('sti', *fields, '--mask', mask, *b0_options, '--method', 'deepsti',
+                      '--output-prefix', tmp_path / 'learned')
+    assert result.returncode == 0 and 'warning' not in result.stderr, result.stderr
+    mms = nib.load(tmp_path / 'learned_desc-mms_Chimap.nii.gz').get_fdata()
+    # This head is isotropic: the tensor's mean is its susceptibility.
+    assert metrics.nrmse(mms, head.chi, head.brain) < 40

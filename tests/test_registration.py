@@ -51,6 +51,18 @@ def test_a_known_turn_is_recovered_within_a_third_of_a_millimetre_and_degree(hea
     assert after > 0.9 and before < after - 0.2, (before, after)  # interpolated twice, and noisy
 
 
+def test_a_large_turn_is_recovered_from_the_reference_mask_alone(head):
+    """25 degrees, as in a multi-orientation scan, with only the reference's mask (qsmprep-tools
+    register): the moving brain's mask is found from its magnitude."""
+    reference = head.megre['magnitude'][..., 0]
+    centre = (head.affine @ np.append(np.argwhere(head.brain).mean(axis=0), 1))[:3]
+    turn = about(centre, rotation(0, 25), np.zeros(3))
+    moving = registration.resample(reference, head.affine, head.affine, reference.shape, turn)
+    found = registration.register_rigid(moving, head.affine, reference, head.affine, reference_mask=head.brain)
+    residual = RigidTransform(rotation=found.rotation @ turn.rotation, translation=np.zeros(3))
+    assert residual.angle_deg < 0.3
+
+
 def test_b0_of_the_turned_session_in_the_reference_axes(head, turned_head):
     _, _, turn = turned_head
     direction = registration.b0_direction_in_reference(inverse(turn), head.affine)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..bids import FIELD_STRENGTH_RANGE_T, check_field_strength
-from ..methods import DEFAULT_INVERSION, INVERSIONS
+from ..methods import DEFAULT_INVERSION, INVERSIONS, STI_METHODS
 from ..science import bgremove, unwrap
 from ..science.masking import MASKING_METHODS
 
@@ -76,10 +76,10 @@ def build_parser():
                          help='the run-<i> series of one subject and session that share their other entities are '
                               'head orientations of one scan: register them onto the first run and combine them by '
                               'COSMOS (desc-cosmos_Chimap); each run keeps its own outputs')
-    methods.add_argument('--sti', choices=('ls',),
-                         help='with --multi-orientation: the susceptibility tensor by least squares and its maps '
-                              '(desc-sti, -mms, -msa, -pev_Chimap), also below the 6 orientations from which it is '
-                              'computed without asking')
+    methods.add_argument('--sti', choices=tuple(STI_METHODS),
+                         help='with --multi-orientation: the susceptibility tensor and its maps (desc-sti, -mms, '
+                              '-msa, -pev_Chimap); ls: least squares, computed without asking from 6 orientations '
+                              'on; deepsti: the learned DeepSTI shipped with qsmprep, from any number (needs torch)')
     methods.add_argument('--no-chi-separation', dest='chi_separation', action='store_false',
                          help='skip the paramagnetic/diamagnetic separation (desc-paramagnetic/diamagnetic_Chimap)')
 

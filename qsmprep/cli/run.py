@@ -11,7 +11,7 @@ from pathlib import Path
 from ..bids import InputError, check_user_mask, collect_megre_series
 from ..files import remove_temporary_files, write_text_atomically
 from ..learned import missing_torch_message, shipped_lpcnn_voxel_size_range_mm
-from ..methods import LEARNED_INVERSIONS
+from ..methods import LEARNED_INVERSIONS, STI_METHODS
 from ..settings import Settings
 from .parser import build_parser
 
@@ -231,6 +231,12 @@ def _run_participants(settings):
         except InputError as error:
             return _fail(str(error))
 
+    if settings.sti and not settings.multi_orientation:
+        return _fail(f'--sti {settings.sti} combines several head orientations; add --multi-orientation.', code=2)
+    if settings.sti and STI_METHODS[settings.sti].learned:
+        torch_message = missing_torch_message(f'--sti {settings.sti}')
+        if torch_message:
+            return _fail(torch_message, code=2)
     if settings.inversion in LEARNED_INVERSIONS:
         torch_message = missing_torch_message(f'--inversion {settings.inversion}')
         if torch_message:

@@ -12,7 +12,7 @@ import scipy.fft
 
 from .. import __version__, methods
 from ..learned import missing_torch_message
-from ..methods import DEFAULT_INVERSION, INVERSIONS, LEARNED_INVERSIONS
+from ..methods import DEFAULT_INVERSION, INVERSIONS, LEARNED_INVERSIONS, STI_METHODS, susceptibility_tensor
 from ..files import write_itk_transform
 from ..nifti import on_same_grid, save_like
 from ..science import bgremove, chisep, echofit, masking, orientations, registration, unwrap
@@ -174,11 +174,17 @@ def run_cosmos(args):
 
 def run_sti(args):
     fields, mask, b0_dirs, image = _registered_fields(args)
-    if len(fields) < orientations.STI_MIN_ORIENTATIONS:
-        print(f'warning: {len(fields)} orientations; least-squares STI needs {orientations.STI_MIN_ORIENTATIONS} '
-              f'or more to determine the tensor', file=sys.stderr)
-    tensor = orientations.sti_least_squares(fields, mask, voxel_size_from_affine(image.affine), b0_dirs,
-                                            iterations=args.iterations)
+    voxel_size = voxel_size_from_affine(image.affine)
+    if STI_METHODS[args.method].learned:
+        torch_message = missing_torch_message(f'--method {args.method}')
+        if torch_message:
+            raise ToolError(torch_message)
+        tensor, _ = susceptibility_tensor(args.method, fields, mask, voxel_size, b0_dirs, threads=max(1, args.nthreads))
+    else:
+        if len(fields) < orientations.STI_MIN_ORIENTATIONS:
+            print(f'warning: {len(fields)} orientations; least-squares STI needs {orientations.STI_MIN_ORIENTATIONS} '
+                  f'or more to determine the tensor (--method deepsti takes fewer)', file=sys.stderr)
+        tensor = orientations.sti_least_squares(fields, mask, voxel_size, b0_dirs, iterations=args.iterations)
     mms, msa, pev = orientations.tensor_maps(tensor, mask)
     for name, volumes in (('sti', tensor), ('mms', mms), ('msa', msa), ('pev', pev)):
         _save(np.moveaxis(volumes, 0, -1) if volumes.ndim == 4 else volumes, image,
@@ -312,8 +318,10 @@ def build_parser():
                                  help='weight of the gradient penalty (0: plain least squares)')
             command.add_argument('-o', '--output', required=True)
         else:
+            command.add_argument('--method', choices=tuple(STI_METHODS), default='ls',
+                                 help='; '.join(f'{m.name}: {m.summary}' for m in STI_METHODS.values()))
             command.add_argument('--iterations', type=int, default=orientations.STI_ITERATIONS,
-                                 help='conjugate-gradient iterations (the early stop regularizes)')
+                                 help='conjugate-gradient iterations of ls (the early stop regularizes)')
             command.add_argument('--output-prefix', required=True,
                                  help='writes PREFIX_desc-{sti,mms,msa,pev}_Chimap.nii.gz')
         command.set_defaults(run=run)

@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 from ..learned import train as training
+from ..learned import train_deepsti
+from ..learned.deepsti import INITIAL_ANISOTROPY_WEIGHT, INITIAL_STEP_SIZE
 from ..learned.lpcnn import INITIAL_ESTIMATES, INITIAL_L2_WEIGHT, PRECISIONS
 from ..learned.models import CARD_NAME
 from ..learned.recipe import DEFAULT_INITIAL_ESTIMATE
@@ -108,9 +110,46 @@ def _build_parser():
                             help=f'fine grid factor of the simulated field (default: {defaults.supersampling})')
     simulation.add_argument('--simulation-pad-factor', type=float,
                             help=f"zero padding of the simulator's dipole FFT grid (default: {defaults.pad_factor})")
+    _add_deepsti_parser(models)
     return parser
 
 
+def _add_deepsti_parser(models):
+    deepsti = models.add_parser('deepsti', help='learned proximal network for the tensor (Fang et al. 2023)',
+                                description=train_deepsti.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = deepsti.add_argument_group('run')
+    run.add_argument('--out', type=Path, required=True, help='folder for checkpoint, weights, card and log')
+    run.add_argument('--steps', type=positive_int, default=20000, help='total optimisation steps')
+    run.add_argument('--resume', type=Path, help='checkpoint.pt to continue from')
+    run.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
+                     help='auto: the GPU when torch sees one, else the CPU')
+    run.add_argument('--workers', type=non_negative_int, default=_default_workers(),
+                     help='processes simulating the coming batches while the model trains')
+    run.add_argument('--checkpoint-every', type=positive_int, default=250,
+                     help='steps between validations on whole heads and checkpoints')
+    run.add_argument('--log-every', type=positive_int, default=25, help='steps between log lines')
+    run.add_argument('--batch-size', type=positive_int, default=2, help='patches per step')
+    run.add_argument('--patch-size', type=positive_int, default=32, help='patch edge in voxels')
+    run.add_argument('--learning-rate', type=float, default=5e-4, help='Adam learning rate')
+    model = deepsti.add_argument_group('model and recipe (a resumed run keeps its checkpoint\'s)')
+    model.add_argument('--iterations', type=positive_int, default=3, help='unrolled gradient steps')
+    model.add_argument('--channels', type=positive_int, default=16, help='channels of the proximal CNN')
+    model.add_argument('--blocks', type=positive_int, default=4, help='residual blocks of the proximal CNN')
+    model.add_argument('--initial-step-size', type=float, default=INITIAL_STEP_SIZE,
+                       help='initial value of the learned step size')
+    model.add_argument('--pad-factor', type=float, default=1.5, help="zero padding of the model's dipole FFT grid")
+    model.add_argument('--initial-anisotropy-weight', type=float, default=INITIAL_ANISOTROPY_WEIGHT,
+                       help="initial value of the starting estimate's learned anisotropy penalty")
+    model.add_argument('--anisotropy-loss-weight', type=float, default=10.0,
+                       help='weight of the anisotropic part of the tensor in the loss, beside the mean')
+    model.add_argument('--gradient-clip', type=float, default=1.0, help='largest gradient norm of a step (0: none)')
+    model.add_argument('--seed', type=int, default=0, help='seeds the initial weights, the data and the validation')
+    model.add_argument('--validation-heads', type=positive_int, default=2, help='whole simulated brains scored')
+    model.add_argument('--validation-head-voxel-size', type=float, default=2.0,
+                       help='voxel size in mm of the validation brains')
+    model.add_argument('--validation-orientations', type=positive_int, nargs='+', default=[1, 4, 6],
+                       help='orientation counts each validation brain is scored with')
 
 
 def main(argv=None):
@@ -119,6 +158,11 @@ def main(argv=None):
     if args.resume is not None and not Path(args.resume).is_file():
         parser.error(f'--resume {args.resume}: no such checkpoint file; give the checkpoint.pt of a run '
                      '(the shipped one is qsmprep/learned/models/lpcnn/checkpoint.pt)')
+    if args.command == 'deepsti':
+        card = train_deepsti.train_deepsti(args)
+        print(f'qsmprep-train: {card["steps"]} steps, weights of step {card["validation"]["chosen_step"]}, '
+              f'model card {args.out / CARD_NAME}')
+        return 0
     card = training.train_lpcnn(args)
     print(f'qsmprep-train: {card["steps"]} steps, validation NRMSE {card["validation"]["nrmse_percent"]:.1f} %, '
           f'model card {args.out / CARD_NAME}')

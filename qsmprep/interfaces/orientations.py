@@ -1,5 +1,5 @@
 """Nipype interfaces for several head orientations of one head: registration onto the reference
-run, and COSMOS on the reference grid."""
+run, and COSMOS and the susceptibility tensor on the reference grid."""
 import os
 
 import nibabel as nib
@@ -7,9 +7,10 @@ import numpy as np
 from nipype.interfaces.base import File, InputMultiObject, TraitedSpec, traits
 
 from ..files import write_itk_transform
+from ..methods import STI_METHODS, susceptibility_tensor
 from ..nifti import save_like
 from ..science import orientations, registration
-from ..science.physics import TENSOR_COMPONENTS, voxel_size_from_affine
+from ..science.physics import voxel_size_from_affine
 from .qsm import ThreadedInputSpec, ThreadedInterface
 
 
@@ -121,21 +122,22 @@ class _StiOutputSpec(TraitedSpec):
     parameters = traits.Dict(desc='sidecar keys')
 
 
+class _StiInputSpec(_CosmosInputSpec):
+    method = traits.Enum(*STI_METHODS, usedefault=True, desc='a registered STI method (methods.STI_METHODS)')
+
+
 class Sti(ThreadedInterface):
-    """The susceptibility tensor by least squares and its eigen-decomposition maps, over the voxels
-    where every orientation's local field is valid."""
-    input_spec = _CosmosInputSpec
+    """The susceptibility tensor by a registered STI method and its eigen-decomposition maps, over
+    the voxels where every orientation's local field is valid."""
+    input_spec = _StiInputSpec
     output_spec = _StiOutputSpec
 
     def _compute(self):
         fields, mask, reference = _combined_fields(self.inputs.local_fields, self.inputs.masks)
-        tensor = orientations.sti_least_squares(fields * mask, mask, voxel_size_from_affine(reference.affine),
-                                                self.inputs.b0_dirs)
+        tensor, self._results['parameters'] = susceptibility_tensor(
+            self.inputs.method, fields * mask, mask, voxel_size_from_affine(reference.affine), self.inputs.b0_dirs,
+            threads=self.inputs.num_threads)
         mms, msa, pev = orientations.tensor_maps(tensor, mask)
         for key, volumes in (('tensor', tensor), ('mms', mms), ('msa', msa), ('pev', pev)):
             data = np.moveaxis(volumes, 0, -1) if volumes.ndim == 4 else volumes  # NIfTI: volumes last
             self._results[key] = save_like(data, reference, os.path.abspath(f'{key}.nii'))
-        self._results['parameters'] = {'EstimationAlgorithm': 'least squares over the tensor model, conjugate '
-                                                              'gradients stopped early',
-                                       'Iterations': orientations.STI_ITERATIONS, 'Orientations': len(fields),
-                                       'TensorComponents': [f'chi{i + 1}{j + 1}' for i, j in TENSOR_COMPONENTS]}

@@ -1,9 +1,11 @@
-"""Learned dipole inversion (needs torch): LP-CNN, its training-data simulator and its training command.
+"""Learned dipole inversion (needs torch): LP-CNN and DeepSTI, their training-data simulator and
+their training command.
 
 - ``lpcnn``: the dipole operator in torch, the proximal CNN, the unrolled LP-CNN and ``lpcnn_invert``.
+- ``deepsti``: the tensor dipole operator in torch, DeepSTI and ``deepsti_invert``.
 - ``phantoms`` and ``simulate``: seeded, versioned training samples simulated on the fly.
-- ``train``: ``qsmprep-train lpcnn``, its checkpoints and model card.
-- ``models``: the shipped LP-CNN, its card and ``load_model``.
+- ``train`` and ``train_deepsti``: ``qsmprep-train lpcnn`` and ``deepsti``, checkpoints and model cards.
+- ``models``: the shipped models, their cards and ``load_model``.
 
 Nothing here but this module is imported by the rest of qsmprep before a learned method is
 chosen, so the classical pipeline runs without torch.
@@ -13,6 +15,7 @@ import json
 from pathlib import Path
 
 SHIPPED_LPCNN_CARD = Path(__file__).parent / 'models' / 'lpcnn' / 'model_card.json'
+SHIPPED_DEEPSTI_CARD = Path(__file__).parent / 'models' / 'deepsti' / 'model_card.json'
 
 
 def shipped_lpcnn_voxel_size_range_mm():

@@ -28,11 +28,12 @@ def masked_loss(estimate, truth, mask, kind):
 class SimulatedBatches(torch.utils.data.Dataset):
     """The training batch of each step (``simulate_batch``), indexed by step, for a DataLoader."""
 
-    def __init__(self, seed, batch_size, patch_size, config):
+    def __init__(self, seed, batch_size, patch_size, config, simulate=simulate_batch):
         self.seed, self.batch_size, self.patch_size, self.config = seed, batch_size, patch_size, config
+        self.simulate = simulate
 
     def __getitem__(self, step):
-        return simulate_batch(self.seed, step, self.batch_size, self.patch_size, self.config)
+        return self.simulate(self.seed, step, self.batch_size, self.patch_size, self.config)
 
 
 def _samples_as_simulated(samples):
@@ -46,11 +47,12 @@ def _ignore_stop_signals(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def training_batches(recipe, config, batch_size, patch_size, first_step, last_step, workers):
+def training_batches(recipe, config, batch_size, patch_size, first_step, last_step, workers, simulate=simulate_batch):
     """The batches of steps ``first_step`` to ``last_step``, in order, simulated ahead in
-    ``workers`` processes. Batch k depends on the seed and k alone, so any number of workers
-    yields the batches one process would."""
-    batches = SimulatedBatches(recipe['seed'], batch_size, patch_size, config)
+    ``workers`` processes by ``simulate`` (``simulate_batch`` or ``simulate_tensor_batch``).
+    Batch k depends on the seed and k alone, so any number of workers yields the batches one
+    process would."""
+    batches = SimulatedBatches(recipe['seed'], batch_size, patch_size, config, simulate)
     return iter(torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(first_step, last_step),
                                             num_workers=workers, collate_fn=_samples_as_simulated,
                                             worker_init_fn=_ignore_stop_signals))

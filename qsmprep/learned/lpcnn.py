@@ -163,7 +163,8 @@ class ResidualBlock(nn.Module):
 
 
 class ProximalCNN(nn.Module):
-    """The learned proximal map: (estimate, mask) in, corrected estimate out.
+    """The learned proximal map: (estimate, mask) in, corrected estimate out; the estimate has
+    ``components`` channels (1 for susceptibility, 6 for DeepSTI's tensor).
 
     A 3-D CNN of ``blocks`` residual blocks of ``channels`` channels between an input and an
     output convolution, all 3x3x3 with zero padding and no normalisation layer, so that its
@@ -173,22 +174,23 @@ class ProximalCNN(nn.Module):
     gradient descent.
     """
 
-    def __init__(self, channels=32, blocks=8):
+    def __init__(self, channels=32, blocks=8, components=1):
         super().__init__()
-        self.input_conv = nn.Conv3d(2, channels, 3, padding=1)
+        self.components = components
+        self.input_conv = nn.Conv3d(components + 1, channels, 3, padding=1)
         self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
-        self.output_conv = nn.Conv3d(channels, 1, 3, padding=1)
+        self.output_conv = nn.Conv3d(channels, components, 3, padding=1)
         nn.init.zeros_(self.output_conv.weight)
         nn.init.zeros_(self.output_conv.bias)
         # Each 3x3x3 convolution reaches one voxel further.
         self.receptive_radius = 2 + 2 * blocks
 
     def forward(self, estimate_and_mask):
-        """(B, 2, ...) estimate and mask in, (B, 1, ...) corrected estimate out (float32)."""
+        """(B, C + 1, ...) estimate and mask in, (B, C, ...) corrected estimate out (float32)."""
         # The channels-last layout gives the same result faster on the CPU.
         estimate_and_mask = estimate_and_mask.contiguous(memory_format=torch.channels_last_3d)
         features = torch.relu(self.input_conv(estimate_and_mask))
-        return estimate_and_mask[:, :1] + self.output_conv(self.blocks(features)).float()
+        return estimate_and_mask[:, :self.components] + self.output_conv(self.blocks(features)).float()
 
 
 def apply_in_tiles(network, volume, tile, halo):
@@ -267,7 +269,7 @@ class LPCNN(nn.Module):
         return chi
 
 
-def _orientations_first(local_fields_ppm):
+def orientations_first(local_fields_ppm):
     """Fields as an (N, X, Y, Z) array: from a list of 3-D arrays, a 4-D array with the
     orientations on the last axis (as nibabel loads a 4-D NIfTI), or one 3-D array."""
     if isinstance(local_fields_ppm, (list, tuple)):
@@ -295,7 +297,7 @@ def lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, device=None
     so both are estimates of the same map; the CNN is not exactly symmetric under it, and the
     mean has less error on every validation brain (benchmarks/NOTES.md). It takes twice the time.
     """
-    fields = _orientations_first(local_fields_ppm)
+    fields = orientations_first(local_fields_ppm)
     mask = np.asarray(mask, dtype=bool)
     b0_dirs = np.asarray(b0_dirs, dtype=float).reshape(-1, 3)
     if fields.shape[0] != b0_dirs.shape[0] or fields.shape[1:] != mask.shape:

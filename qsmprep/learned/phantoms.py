@@ -130,13 +130,15 @@ def random_shapes(rng, shape, spacing_mm):
     chi = rng.uniform(*TEXTURE_STD_RANGE) * smooth_noise(rng, shape, spacing_mm,
                                                           rng.uniform(*TEXTURE_CORRELATION_MM))
     _add_inclusions(rng, chi, coordinates, extent_mm, SHAPES, STRONG_SHAPE_PROBABILITY)
-    if rng.random() < 0.5:
-        mask = np.ones(shape, dtype=bool)
-    else:
-        radii = rng.uniform(0.3, 0.6, 3) * extent_mm
-        mask = _ellipsoid(coordinates, rng.uniform(-0.1, 0.1, 3) * extent_mm, radii,
-                          Rotation.random(random_state=rng).as_matrix())
+    mask = np.ones(shape, dtype=bool) if rng.random() < 0.5 else random_ellipsoid(rng, coordinates, extent_mm)
     return np.where(mask, chi, 0).astype(np.float32), mask
+
+
+def random_ellipsoid(rng, coordinates, extent_mm):
+    """A large ellipsoid of random axes near the centre of a patch of ``extent_mm``: a mask edge."""
+    radii = rng.uniform(0.3, 0.6, 3) * extent_mm
+    return _ellipsoid(coordinates, rng.uniform(-0.1, 0.1, 3) * extent_mm, radii,
+                      Rotation.random(random_state=rng).as_matrix())
 
 
 @functools.lru_cache(maxsize=1)

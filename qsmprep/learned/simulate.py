@@ -15,6 +15,8 @@ scanner measures it. The true susceptibility is the voxel average of the fine ma
 
 ``GENERATOR_VERSION`` names the distribution of samples: change it whenever a change here or
 in ``phantoms`` changes what a given seed produces, so a model card says what it was trained on.
+DeepSTI's tensor phantoms (``simulate_tensor_batch``, ``simulate_tensor_head``) are drawn the same
+way, with their own ``TENSOR_GENERATOR_VERSION``.
 """
 import dataclasses
 
@@ -22,7 +24,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from qsmprep.science.masking import bounding_box
-from qsmprep.science.physics import DipoleOperator, anisotropic_field
+from qsmprep.science.physics import TENSOR_COMPONENTS, DipoleOperator, anisotropic_field, traceless_tensor
 
 from . import phantoms
 
@@ -204,3 +206,105 @@ def simulate_batch(seed, step, batch_size, patch_size, config, stream=TRAINING_S
     rng = np.random.default_rng([seed, stream, step])
     orientations = int(rng.integers(1, config.max_orientations + 1))
     return [simulate_sample(rng, patch_size, orientations, config) for _ in range(batch_size)]
+
+
+# DeepSTI's samples (``simulate_tensor_batch``) have their own version: they are drawn differently.
+TENSOR_GENERATOR_VERSION = 'sti-1.1'
+# Most brain patches lie inside the brain; whole heads have an edge everywhere, where a network that
+# never saw one changed the mean susceptibility most (benchmarks/NOTES.md). Half the patches are cut
+# by an ellipsoid.
+TENSOR_EDGE_PROBABILITY = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSimulationConfig:
+    """What DeepSTI's generator draws from; the model card stores it with ``TENSOR_GENERATOR_VERSION``."""
+    voxel_size_range_mm: tuple = (0.8, 2.0)
+    max_orientations: int = 6
+    # Head rotations in the coil reach about 45 degrees between orientations (STI acquisitions).
+    max_tilt_deg: float = 45.0
+    noise_max_ppm: float = 0.005
+    background_max_ppm: float = 0.003
+    # chi_parallel - chi_perpendicular of white matter: around the 0.01 to 0.03 ppm of the STI
+    # literature, from nearly isotropic to twice the largest reported.
+    anisotropy_range_ppm: tuple = (0.005, 0.05)
+    supersampling: int = 2
+    pad_factor: float = 1.5
+
+
+@dataclasses.dataclass
+class TensorSample:
+    """One simulated tensor patch or head: ``tensor_ppm`` (6, *shape) and ``local_fields_ppm``
+    (N, *shape) for the N ``b0_dirs`` (N, 3); ``white_matter`` is where the tensor is anisotropic."""
+    tensor_ppm: np.ndarray
+    mask: np.ndarray
+    local_fields_ppm: np.ndarray
+    voxel_size: np.ndarray
+    b0_dirs: np.ndarray
+    white_matter: np.ndarray
+
+
+def _tensor_sample(rng, fine_chi, fine_mask, fine_white_matter, voxel_size, b0_dirs, anisotropy_ppm, noise_std_ppm,
+                   background_rms_ppm, config):
+    """The tensor phantom of a brain drawn on the fine grid: the voxel-averaged mean susceptibility
+    times I plus white matter's traceless anisotropy along smooth random fibres, and its fields."""
+    s = config.supersampling
+    chi, mask = _voxel_averaged_truth(fine_chi, fine_mask, s)
+    white_matter, fibres = _white_matter_fibres(rng, fine_white_matter, mask, voxel_size, s)
+    anisotropy = anisotropy_ppm * white_matter
+    tensor = traceless_tensor(anisotropy, fibres) + chi * np.array(
+        [float(i == j) for i, j in TENSOR_COMPONENTS], dtype=np.float32)[:, None, None, None]
+    fields = [_measured_field(rng, fine_chi, voxel_size / s, mask, b0_dir, background_rms_ppm, noise_std_ppm, config,
+                              (anisotropy, fibres)) for b0_dir in b0_dirs]
+    return TensorSample(np.where(mask, tensor, 0).astype(np.float32), mask, np.asarray(fields, dtype=np.float32),
+                        voxel_size, np.asarray(b0_dirs), white_matter > 0.5)
+
+
+def simulate_tensor_sample(rng, patch_size, orientations, config):
+    """One ``TensorSample`` of a brain-like patch of ``patch_size`` voxels per side."""
+    s = config.supersampling
+    voxel_size = rng.uniform(*config.voxel_size_range_mm, 3)
+    fine_shape = (patch_size * s,) * 3
+    fine_chi, fine_mask, fine_white_matter = phantoms.brain_like(rng, fine_shape, voxel_size / s)
+    if rng.random() < TENSOR_EDGE_PROBABILITY:
+        fine_mask &= phantoms.random_ellipsoid(rng, phantoms.local_coordinates(fine_shape, voxel_size / s),
+                                               np.asarray(fine_shape) * voxel_size / s)
+        fine_chi, fine_white_matter = (np.where(fine_mask, volume, 0).astype(np.float32)
+                                       for volume in (fine_chi, fine_white_matter))
+    b0_dirs = random_b0_directions(rng, orientations, config.max_tilt_deg)
+    return _tensor_sample(rng, fine_chi, fine_mask, fine_white_matter, voxel_size, b0_dirs,
+                          rng.uniform(*config.anisotropy_range_ppm), rng.uniform(0, config.noise_max_ppm),
+                          rng.uniform(0, config.background_max_ppm), config)
+
+
+def simulate_tensor_batch(seed, step, batch_size, patch_size, config, stream=TRAINING_STREAM):
+    """The batch of ``step``, samples sharing one orientation count (1 to ``max_orientations``)."""
+    rng = np.random.default_rng([seed, stream, step])
+    orientations = int(rng.integers(1, config.max_orientations + 1))
+    return [simulate_tensor_sample(rng, patch_size, orientations, config) for _ in range(batch_size)]
+
+
+def simulate_tensor_head(seed, voxel_size_mm, config, orientations):
+    """A whole brain for DeepSTI's validation, cropped to its mask, with ``orientations`` B0
+    directions: the first tilted by ``HEAD_B0_TILT_DEG``, the others by up to ``max_tilt_deg`` from
+    it; the mean anisotropy, noise and residual background of ``config`` (``simulate_head``'s
+    stream, so not a training patch)."""
+    rng = np.random.default_rng([seed, HEAD_STREAM])
+    s = config.supersampling
+    voxel_size = np.full(3, float(voxel_size_mm))
+    fine_shape = (int(np.ceil(HEAD_EXTENT_MM / voxel_size_mm)) * s,) * 3
+    fine_chi, fine_mask, fine_white_matter = phantoms.brain_like(rng, fine_shape, voxel_size / s,
+                                                                 centre=phantoms.brain_centre())
+    tilt = np.deg2rad(HEAD_B0_TILT_DEG)
+    first = np.array([np.sin(tilt), 0.0, np.cos(tilt)])
+    b0_dirs = [first]
+    for _ in range(orientations - 1):
+        axis = np.cross(first, rng.standard_normal(3))
+        b0_dirs.append(Rotation.from_rotvec(np.deg2rad(rng.uniform(0, config.max_tilt_deg)) * axis
+                                            / np.linalg.norm(axis)).apply(first))
+    head = _tensor_sample(rng, fine_chi, fine_mask, fine_white_matter, voxel_size, b0_dirs,
+                          float(np.mean(config.anisotropy_range_ppm)), HEAD_DISTURBANCE_FRACTION * config.noise_max_ppm,
+                          HEAD_DISTURBANCE_FRACTION * config.background_max_ppm, config)
+    box = bounding_box(head.mask, margin=2)
+    return TensorSample(head.tensor_ppm[(slice(None),) + box], head.mask[box],
+                        head.local_fields_ppm[(slice(None),) + box], voxel_size, head.b0_dirs, head.white_matter[box])

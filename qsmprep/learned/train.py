@@ -58,7 +58,7 @@ from .validation import tkd_validation_nrmse, tv_head_nrmse, validate, validate_
 LOG_NAME = 'training_log.jsonl'
 
 
-def _device(choice):
+def training_device(choice):
     if choice == 'auto':
         return default_device()
     if choice == 'cuda' and not torch.cuda.is_available():
@@ -66,7 +66,7 @@ def _device(choice):
     return torch.device(choice)
 
 
-def _hardware(device):
+def hardware_description(device):
     description = {'device': device.type, 'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
                    'torch': str(torch.__version__), 'python': platform.python_version(),
                    'platform': platform.platform()}
@@ -78,7 +78,7 @@ def _hardware(device):
     return description
 
 
-def _save_atomically(content, path):
+def save_atomically(content, path):
     """torch.save through a temporary file, so an interrupted save never leaves a broken file."""
     partial = path.with_name(path.name + '.partial')
     torch.save(content, partial)
@@ -120,7 +120,7 @@ def train_lpcnn(args):
     hardware, so a card says where every part of the training ran.
     """
     started = time.monotonic()
-    device = _device(args.device)
+    device = training_device(args.device)
     bfloat16 = uses_bfloat16(args.precision, device)
     recipe, model, optimizer, step, earlier_runs = _start(args, device)
     first_step = step
@@ -149,9 +149,9 @@ def train_lpcnn(args):
                     **{key: getattr(args, key) for key in SCHEDULE_ARGUMENTS},
                     'simulation': simulation, 'initial_estimate': recipe['initial_estimate'],
                     'cnn_arithmetic': 'bfloat16' if bfloat16 else 'float32',
-                    'simulation_workers': args.workers, 'hardware': _hardware(device)}
+                    'simulation_workers': args.workers, 'hardware': hardware_description(device)}
         runs = earlier_runs + [this_run]
-        _save_atomically({'step': step, 'model_state': model.state_dict(), 'optimizer_state': optimizer.state_dict(),
+        save_atomically({'step': step, 'model_state': model.state_dict(), 'optimizer_state': optimizer.state_dict(),
                           'recipe': recipe, 'generator_version': GENERATOR_VERSION, 'runs': runs},
                          out / CHECKPOINT_NAME)
         scores = scores_now()
@@ -194,7 +194,7 @@ def train_lpcnn(args):
         for number, handler in previous_handlers.items():
             signal.signal(number, handler)
 
-    _save_atomically(model.state_dict(), out / WEIGHTS_NAME)
+    save_atomically(model.state_dict(), out / WEIGHTS_NAME)
     card = {
         'model': 'lpcnn',
         'qsmprep_version': __version__,

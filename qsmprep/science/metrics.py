@@ -6,6 +6,8 @@ mean over that mask.
 import numpy as np
 from scipy import ndimage
 
+from .orientations import tensor_maps
+
 
 def _referenced(image, mask):
     image = np.asarray(image, dtype=np.float64)
@@ -64,3 +66,18 @@ def correlation(estimate, reference, mask):
     """Pearson correlation over ``mask``."""
     mask = np.asarray(mask, dtype=bool)
     return float(np.corrcoef(np.asarray(estimate)[mask], np.asarray(reference)[mask])[0, 1])
+
+
+def sti_scores(tensor, true_tensor, mask, white_matter):
+    """Scores of a susceptibility tensor (6, *shape) against the true one (``orientations.tensor_maps``):
+    NRMSE (percent) of the mean magnetic susceptibility over ``mask``, the median angle (degrees)
+    between the principal eigenvectors over ``white_matter`` (where the true anisotropy defines
+    it), and the correlation of the anisotropy (MSA) with the true one over ``mask``."""
+    mask = np.asarray(mask, dtype=bool)
+    mms, msa, pev = tensor_maps(tensor, mask)
+    true_mms, true_msa, true_pev = tensor_maps(true_tensor, mask)
+    cosine = np.abs((pev * true_pev).sum(axis=0))
+    angle = np.degrees(np.arccos(np.clip(cosine, 0, 1)))
+    return {'MMS NRMSE': nrmse(mms, true_mms, mask),
+            'PEV error in WM (deg)': float(np.median(angle[np.asarray(white_matter, dtype=bool) & mask])),
+            'MSA correlation': float(np.corrcoef(msa[mask], true_msa[mask])[0, 1])}

@@ -64,7 +64,7 @@ def _combine_orientations(workflow, runs, series_wfs, settings):
     fields = ('magnitude', 'brain_mask', 'local_field', 'localfield_mask')
     merge_magnitudes, merge_brain_masks, merge_local_fields, merge_localfield_masks = (
         pe.Node(niu.Merge(len(runs)), name=f'merge_{field}s') for field in fields)
-    sti = settings.sti == 'ls' or len(runs) >= orientations.STI_MIN_ORIENTATIONS
+    sti = settings.sti or ('ls' if len(runs) >= orientations.STI_MIN_ORIENTATIONS else None)
     learned = settings.inversion if settings.inversion in LEARNED_INVERSIONS else None
     orientations_wf = init_orientations_wf(b0_dirs=[series.b0_dir for series in runs], sti=sti,
                                            learned_inversion=learned, omp_nthreads=settings.omp_nthreads)

@@ -119,9 +119,9 @@ def init_chisep_wf(*, b0_dir, field_strength, omp_nthreads=1, name='chisep_wf'):
     return workflow
 
 
-def init_orientations_wf(*, b0_dirs, sti=False, learned_inversion=None, omp_nthreads=1, name='orientations_wf'):
+def init_orientations_wf(*, b0_dirs, sti=None, learned_inversion=None, omp_nthreads=1, name='orientations_wf'):
     """Several head orientations of one head onto the reference (the first) and COSMOS there; with
-    ``sti`` also the susceptibility tensor by least squares, with ``learned_inversion`` (e.g.
+    ``sti`` (a method of ``methods.STI_METHODS``) also the susceptibility tensor, with ``learned_inversion`` (e.g.
     'lpcnn') also that method on all registered fields at once.
 
     ``b0_dirs``: each run's B0 direction in its own voxel axes.
@@ -151,12 +151,12 @@ def init_orientations_wf(*, b0_dirs, sti=False, learned_inversion=None, omp_nthr
                                              ('registration', 'registration')]),
     ])
     if sti:
-        least_squares_sti = pe.Node(Sti(num_threads=omp_nthreads), name='least_squares_sti', n_procs=omp_nthreads)
+        sti_tensor = pe.Node(Sti(method=sti, num_threads=omp_nthreads), name='sti_tensor', n_procs=omp_nthreads)
         workflow.connect([
-            (register_orientations, least_squares_sti, [('local_fields', 'local_fields'),
-                                                        ('localfield_masks', 'masks'), ('b0_dirs', 'b0_dirs')]),
-            (least_squares_sti, outputnode, [('tensor', 'tensor'), ('mms', 'mms'), ('msa', 'msa'), ('pev', 'pev'),
-                                             ('parameters', 'sti_parameters')]),
+            (register_orientations, sti_tensor, [('local_fields', 'local_fields'),
+                                                 ('localfield_masks', 'masks'), ('b0_dirs', 'b0_dirs')]),
+            (sti_tensor, outputnode, [('tensor', 'tensor'), ('mms', 'mms'), ('msa', 'msa'), ('pev', 'pev'),
+                                      ('parameters', 'sti_parameters')]),
         ])
     if learned_inversion:
         invert = pe.Node(Invert(method=learned_inversion, num_threads=omp_nthreads), name='invert',
