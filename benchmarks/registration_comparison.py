@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.orientations_benchmark import ANISOTROPY_PPM, TURNS  # noqa: E402
 from benchmarks.simulate_bids import simulate_orientations  # noqa: E402
 from qsmprep.science import masking, registration  # noqa: E402
+from qsmprep.science.physics import voxel_size_from_affine  # noqa: E402
 
 VOXEL_SIZE_MM = 1.5
 ANTS_SEED = 20261206  # ANTs samples the metric's voxels at random too: fixed, as qsmprep's RANDOM_SEED
@@ -81,8 +82,7 @@ def register_ants(moving, moving_affine, moving_mask, reference, reference_affin
     qsmprep's ``RigidTransform.matrix``."""
     import ants
 
-    voxel_size = np.linalg.norm(np.asarray(reference_affine, dtype=float)[:3, :3], axis=0)
-    around = masking.dilated(reference_mask, registration.MASK_DILATION_MM, voxel_size)
+    around = masking.dilated(reference_mask, registration.MASK_DILATION_MM, voxel_size_from_affine(reference_affine))
     with tempfile.TemporaryDirectory() as folder:
         result = ants.registration(ants_image(reference, reference_affine), ants_image(moving, moving_affine),
                                    type_of_transform='Rigid', mask=ants_image(around, reference_affine),

@@ -122,10 +122,12 @@ STI_METHODS = {method.name: method for method in (
 )}
 
 
-def susceptibility_tensor(method, local_fields_ppm, mask, voxel_size, b0_dirs, threads=1):
+def susceptibility_tensor(method, local_fields_ppm, mask, voxel_size, b0_dirs, threads=1,
+                          iterations=orientations.STI_ITERATIONS):
     """The susceptibility tensor (6, *shape) in ppm (``physics.TENSOR_COMPONENTS``, voxel axes, 0
     outside ``mask``) by the registered STI ``method`` from the local fields (N, *shape) of N
-    orientations with their B0 directions (voxel axes), and its sidecar entries."""
+    orientations with their B0 directions (voxel axes), and its sidecar entries. ``iterations``:
+    of least squares' conjugate gradients."""
     parameters = {'EstimationAlgorithm': STI_METHODS[method].estimation_algorithm,
                   'Orientations': len(local_fields_ppm),
                   'TensorComponents': [f'chi{i + 1}{j + 1}' for i, j in TENSOR_COMPONENTS]}
@@ -136,5 +138,5 @@ def susceptibility_tensor(method, local_fields_ppm, mask, voxel_size, b0_dirs, t
         torch.set_num_threads(max(1, threads))
         tensor, model = tensor_with_shipped_deepsti(list(local_fields_ppm), mask, voxel_size, list(b0_dirs))
         return tensor, {**parameters, **model}
-    tensor = orientations.sti_least_squares(local_fields_ppm, mask, voxel_size, b0_dirs)
-    return tensor, {**parameters, 'Iterations': orientations.STI_ITERATIONS}
+    tensor = orientations.sti_least_squares(local_fields_ppm, mask, voxel_size, b0_dirs, iterations=iterations)
+    return tensor, {**parameters, 'Iterations': iterations}

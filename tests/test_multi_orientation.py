@@ -86,14 +86,20 @@ def test_tensor_maps_are_written_with_their_sidecars(multi_orientation_run):
     assert np.corrcoef(mms[mask], cosmos[mask])[0, 1] > 0.7
 
 
-def test_lpcnn_takes_every_registered_orientation(simulated_run, run_qsmprep, tmp_path):
+def rerun_with(simulated_run, run_qsmprep, tmp_path, *options):
+    """The 4-run dataset again with a learned method added (needs torch), in a copy of the first
+    run's work folder so that the fields and the registration are reused; its anat folder."""
     pytest.importorskip('torch')
     work_dir, output_dir = tmp_path / 'work', tmp_path / 'out'
-    shutil.copytree(simulated_run / 'work', work_dir)  # the fields and the registration are reused
+    shutil.copytree(simulated_run / 'work', work_dir)
     result = run_qsmprep(simulated_run / 'bids', output_dir, 'participant', '-w', work_dir, '--nprocs', '2',
-                         '--multi-orientation', '--inversion', 'lpcnn')
+                         '--multi-orientation', *options)
     assert result.returncode == 0, result.stderr
-    anat = output_dir / 'sub-01' / 'anat'
+    return output_dir / 'sub-01' / 'anat'
+
+
+def test_lpcnn_takes_every_registered_orientation(simulated_run, run_qsmprep, tmp_path):
+    anat = rerun_with(simulated_run, run_qsmprep, tmp_path, '--inversion', 'lpcnn')
     sidecar = json.loads((anat / 'sub-01_desc-lpcnn_Chimap.json').read_text())
     assert sidecar['Model'] == 'LP-CNN' and len(sidecar['B0Directions']) == 4
     truth = simulated_run / 'bids' / 'derivatives' / 'truth' / 'sub-01' / 'anat'
@@ -105,13 +111,7 @@ def test_lpcnn_takes_every_registered_orientation(simulated_run, run_qsmprep, tm
 
 
 def test_deepsti_writes_the_tensor_from_four_orientations(simulated_run, run_qsmprep, tmp_path):
-    pytest.importorskip('torch')
-    work_dir, output_dir = tmp_path / 'work', tmp_path / 'out'
-    shutil.copytree(simulated_run / 'work', work_dir)  # the fields and the registration are reused
-    result = run_qsmprep(simulated_run / 'bids', output_dir, 'participant', '-w', work_dir, '--nprocs', '2',
-                         '--multi-orientation', '--sti', 'deepsti')
-    assert result.returncode == 0, result.stderr
-    anat = output_dir / 'sub-01' / 'anat'
+    anat = rerun_with(simulated_run, run_qsmprep, tmp_path, '--sti', 'deepsti')
     sidecar = json.loads((anat / 'sub-01_desc-sti_Chimap.json').read_text())
     assert sidecar['Model'] == 'DeepSTI' and sidecar['Orientations'] == 4
     assert sidecar['EstimationAlgorithm'].startswith('learned proximal gradient descent on the tensor model')

@@ -174,17 +174,15 @@ def run_cosmos(args):
 
 def run_sti(args):
     fields, mask, b0_dirs, image = _registered_fields(args)
-    voxel_size = voxel_size_from_affine(image.affine)
     if STI_METHODS[args.method].learned:
         torch_message = missing_torch_message(f'--method {args.method}')
         if torch_message:
             raise ToolError(torch_message)
-        tensor, _ = susceptibility_tensor(args.method, fields, mask, voxel_size, b0_dirs, threads=max(1, args.nthreads))
-    else:
-        if len(fields) < orientations.STI_MIN_ORIENTATIONS:
-            print(f'warning: {len(fields)} orientations; least-squares STI needs {orientations.STI_MIN_ORIENTATIONS} '
-                  f'or more to determine the tensor (--method deepsti takes fewer)', file=sys.stderr)
-        tensor = orientations.sti_least_squares(fields, mask, voxel_size, b0_dirs, iterations=args.iterations)
+    elif len(fields) < orientations.STI_MIN_ORIENTATIONS:
+        print(f'warning: {len(fields)} orientations; least-squares STI needs {orientations.STI_MIN_ORIENTATIONS} '
+              f'or more to determine the tensor (--method deepsti takes fewer)', file=sys.stderr)
+    tensor, _ = susceptibility_tensor(args.method, fields, mask, voxel_size_from_affine(image.affine), b0_dirs,
+                                      threads=max(1, args.nthreads), iterations=args.iterations)
     mms, msa, pev = orientations.tensor_maps(tensor, mask)
     for name, volumes in (('sti', tensor), ('mms', mms), ('msa', msa), ('pev', pev)):
         _save(np.moveaxis(volumes, 0, -1) if volumes.ndim == 4 else volumes, image,

@@ -20,13 +20,9 @@ def _default_workers():
     return max(cores - 1, 0)
 
 
-def _build_parser():
-    parser = argparse.ArgumentParser(prog='qsmprep-train', description=training.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    models = parser.add_subparsers(dest='command', required=True, metavar='MODEL')
-    lpcnn = models.add_parser('lpcnn', help='learned proximal CNN (Lai et al. 2020)',
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run = lpcnn.add_argument_group('run')
+def _run_arguments(model_parser):
+    """The 'run' argument group that every model's training shares: where, how long, on what."""
+    run = model_parser.add_argument_group('run')
     run.add_argument('--out', type=Path, required=True, help='folder for checkpoint, weights, card and log')
     run.add_argument('--steps', type=positive_int, default=20000, help='total optimisation steps')
     run.add_argument('--resume', type=Path, help='checkpoint.pt to continue from')
@@ -37,6 +33,16 @@ def _build_parser():
     run.add_argument('--workers', type=non_negative_int, default=_default_workers(),
                      help='processes simulating the coming batches while the model trains (0: the training '
                           'process simulates each batch itself); default: one per CPU core but one')
+    return run
+
+
+def _build_parser():
+    parser = argparse.ArgumentParser(prog='qsmprep-train', description=training.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    models = parser.add_subparsers(dest='command', required=True, metavar='MODEL')
+    lpcnn = models.add_parser('lpcnn', help='learned proximal CNN (Lai et al. 2020)',
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = _run_arguments(lpcnn)
     run.add_argument('--precision', choices=PRECISIONS, default='auto',
                      help="arithmetic of the proximal CNN's training steps; auto: bfloat16 on a CPU with "
                           'bfloat16 instructions, else float32 (validation is always float32)')
@@ -118,14 +124,7 @@ def _add_deepsti_parser(models):
     deepsti = models.add_parser('deepsti', help='learned proximal network for the tensor (Fang et al. 2023)',
                                 description=train_deepsti.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    run = deepsti.add_argument_group('run')
-    run.add_argument('--out', type=Path, required=True, help='folder for checkpoint, weights, card and log')
-    run.add_argument('--steps', type=positive_int, default=20000, help='total optimisation steps')
-    run.add_argument('--resume', type=Path, help='checkpoint.pt to continue from')
-    run.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
-                     help='auto: the GPU when torch sees one, else the CPU')
-    run.add_argument('--workers', type=non_negative_int, default=_default_workers(),
-                     help='processes simulating the coming batches while the model trains')
+    run = _run_arguments(deepsti)
     run.add_argument('--checkpoint-every', type=positive_int, default=250,
                      help='steps between validations on whole heads and checkpoints')
     run.add_argument('--log-every', type=positive_int, default=25, help='steps between log lines')

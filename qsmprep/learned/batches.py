@@ -9,14 +9,15 @@ from .simulate import simulate_batch
 
 
 def batch_tensors(samples, device):
-    """Fields, mask and truth in network units as (B, N | 1, X, Y, Z) tensors, and the geometry."""
+    """Fields, mask and truth (``truth_ppm``) in network units as (B, N | 1 | C, X, Y, Z) tensors,
+    and the geometry, of ``TrainingSample``s or ``TensorSample``s."""
     def stacked(arrays):
         return torch.from_numpy(np.stack(arrays).astype(np.float32)).to(device)
 
     fields = stacked([s.local_fields_ppm for s in samples]) * NETWORK_UNITS_PER_PPM
     mask = stacked([s.mask[np.newaxis] for s in samples])
-    chi = stacked([s.chi_ppm[np.newaxis] for s in samples]) * NETWORK_UNITS_PER_PPM
-    return fields, mask, chi, [s.voxel_size for s in samples], [s.b0_dirs for s in samples]
+    truth = stacked([s.truth_ppm for s in samples]) * NETWORK_UNITS_PER_PPM
+    return fields, mask, truth, [s.voxel_size for s in samples], [s.b0_dirs for s in samples]
 
 
 def masked_loss(estimate, truth, mask, kind):

@@ -25,12 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from qsmprep.science.inversion import CROP_MARGIN_MIN_VOXELS, CROP_MARGIN_MM, L2_LAMBDAS
-from qsmprep.science.masking import mask_box
+from qsmprep.science.inversion import L2_LAMBDAS
 from qsmprep.science.physics import TENSOR_COMPONENTS, DipoleOperator
 
 from .lpcnn import (DEFAULT_TILE, FFT_DIMS, NETWORK_UNITS_PER_PPM, PAD_FACTOR, ProximalCNN, TorchDipoleOperator,
-                    apply_in_tiles, default_device, orientations_first)
+                    apply_in_tiles, checked_fields, default_device, network_inputs)
 
 COMPONENTS = len(TENSOR_COMPONENTS)
 # The identity tensor, and the weight of each component in the squared Frobenius norm (the
@@ -181,20 +180,12 @@ def deepsti_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, device=No
     """The susceptibility tensor (6, *shape) in ppm, components in the order of
     ``physics.TENSOR_COMPONENTS`` in the voxel axes, 0 outside ``mask``, from the local fields of
     one or more orientations (as ``lpcnn.lpcnn_invert`` takes them) by a DeepSTI ``model``."""
-    fields = orientations_first(local_fields_ppm)
-    mask = np.asarray(mask, dtype=bool)
-    b0_dirs = np.asarray(b0_dirs, dtype=float).reshape(-1, 3)
-    if fields.shape[0] != b0_dirs.shape[0] or fields.shape[1:] != mask.shape:
-        raise ValueError(f'{fields.shape[0]} field maps of shape {fields.shape[1:]} do not match '
-                         f'{b0_dirs.shape[0]} B0 directions and a mask of shape {mask.shape}; '
-                         'give one B0 direction per field map, all on the mask grid')
+    fields, mask, b0_dirs = checked_fields(local_fields_ppm, mask, b0_dirs)
     tensor = np.zeros((COMPONENTS,) + mask.shape, dtype=np.float32)
     if not mask.any():
         return tensor
     device = torch.device(device) if device is not None else default_device()
-    box = mask_box(mask, voxel_size, CROP_MARGIN_MM, CROP_MARGIN_MIN_VOXELS)
-    fields_in = torch.from_numpy(fields[(slice(None),) + box] * NETWORK_UNITS_PER_PPM)[None].to(device)
-    mask_in = torch.from_numpy(mask[box].astype(np.float32))[None, None].to(device)
+    box, fields_in, mask_in = network_inputs(fields, mask, voxel_size, device)
     model = model.to(device).eval()
     with torch.no_grad():
         estimate = model(fields_in, mask_in, [voxel_size], [b0_dirs], tile=tile)

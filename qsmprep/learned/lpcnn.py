@@ -269,13 +269,35 @@ class LPCNN(nn.Module):
         return chi
 
 
-def orientations_first(local_fields_ppm):
+def _orientations_first(local_fields_ppm):
     """Fields as an (N, X, Y, Z) array: from a list of 3-D arrays, a 4-D array with the
     orientations on the last axis (as nibabel loads a 4-D NIfTI), or one 3-D array."""
     if isinstance(local_fields_ppm, (list, tuple)):
         return np.stack([np.asarray(field, dtype=np.float32) for field in local_fields_ppm])
     fields = np.asarray(local_fields_ppm, dtype=np.float32)
     return fields[np.newaxis] if fields.ndim == 3 else np.moveaxis(fields, -1, 0)
+
+
+def checked_fields(local_fields_ppm, mask, b0_dirs):
+    """Fields (N, X, Y, Z) float32 (``_orientations_first``), the mask as booleans and the B0
+    directions as (N, 3), checked to be one direction per field map, all on the mask's grid."""
+    fields = _orientations_first(local_fields_ppm)
+    mask = np.asarray(mask, dtype=bool)
+    b0_dirs = np.asarray(b0_dirs, dtype=float).reshape(-1, 3)
+    if fields.shape[0] != b0_dirs.shape[0] or fields.shape[1:] != mask.shape:
+        raise ValueError(f'{fields.shape[0]} field maps of shape {fields.shape[1:]} do not match '
+                         f'{b0_dirs.shape[0]} B0 directions and a mask of shape {mask.shape}; '
+                         'give one B0 direction per field map, all on the mask grid')
+    return fields, mask, b0_dirs
+
+
+def network_inputs(fields, mask, voxel_size, device):
+    """The mask's box (``mask_box`` with the inversion's crop margin) and, cut to it, the fields
+    (1, N, *box) in network units and the mask (1, 1, *box) as float32 tensors on ``device``."""
+    box = mask_box(mask, voxel_size, CROP_MARGIN_MM, CROP_MARGIN_MIN_VOXELS)
+    fields_in = torch.from_numpy(fields[(slice(None),) + box] * NETWORK_UNITS_PER_PPM)[None].to(device)
+    mask_in = torch.from_numpy(mask[box].astype(np.float32))[None, None].to(device)
+    return box, fields_in, mask_in
 
 
 def lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, device=None, tile=DEFAULT_TILE,
@@ -297,20 +319,12 @@ def lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, device=None
     so both are estimates of the same map; the CNN is not exactly symmetric under it, and the
     mean has less error on every validation brain (benchmarks/NOTES.md). It takes twice the time.
     """
-    fields = orientations_first(local_fields_ppm)
-    mask = np.asarray(mask, dtype=bool)
-    b0_dirs = np.asarray(b0_dirs, dtype=float).reshape(-1, 3)
-    if fields.shape[0] != b0_dirs.shape[0] or fields.shape[1:] != mask.shape:
-        raise ValueError(f'{fields.shape[0]} field maps of shape {fields.shape[1:]} do not match '
-                         f'{b0_dirs.shape[0]} B0 directions and a mask of shape {mask.shape}; '
-                         'give one B0 direction per field map, all on the mask grid')
+    fields, mask, b0_dirs = checked_fields(local_fields_ppm, mask, b0_dirs)
     chi = np.zeros(mask.shape, dtype=np.float32)
     if not mask.any():
         return chi
     device = torch.device(device) if device is not None else default_device()
-    box = mask_box(mask, voxel_size, CROP_MARGIN_MM, CROP_MARGIN_MIN_VOXELS)
-    fields_in = torch.from_numpy(fields[(slice(None),) + box] * NETWORK_UNITS_PER_PPM)[None].to(device)
-    mask_in = torch.from_numpy(mask[box].astype(np.float32))[None, None].to(device)
+    box, fields_in, mask_in = network_inputs(fields, mask, voxel_size, device)
     model = model.to(device).eval()
     bfloat16 = uses_bfloat16(precision, device)
     with torch.no_grad():

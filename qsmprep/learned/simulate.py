@@ -35,6 +35,7 @@ AXIAL_PROBABILITY = 0.3
 # The validation head's grid holds the template's brain (about 180 mm across at most) in any rotation.
 HEAD_EXTENT_MM = 192.0
 HEAD_B0_TILT_DEG = 20.0
+HEAD_B0_DIR = np.array([np.sin(np.deg2rad(HEAD_B0_TILT_DEG)), 0.0, np.cos(np.deg2rad(HEAD_B0_TILT_DEG))])
 # Its residual background, noise and anisotropy are this fraction of the largest the training
 # draws: their mean.
 HEAD_DISTURBANCE_FRACTION = 0.5
@@ -70,6 +71,11 @@ class TrainingSample:
     b0_dirs: np.ndarray
     kind: str
 
+    @property
+    def truth_ppm(self):
+        """What a network is trained to return: (1, *shape)."""
+        return self.chi_ppm[np.newaxis]
+
 
 def random_b0_directions(rng, count, max_tilt_deg):
     """``count`` unit B0 directions in voxel axes: the first axial or uniform on the sphere, the
@@ -80,6 +86,11 @@ def random_b0_directions(rng, count, max_tilt_deg):
     else:
         first = rng.standard_normal(3)
         first /= np.linalg.norm(first)
+    return _tilted_from(rng, first, count, max_tilt_deg)
+
+
+def _tilted_from(rng, first, count, max_tilt_deg):
+    """``first`` and ``count - 1`` directions tilted from it by up to ``max_tilt_deg`` about random axes."""
     directions = [first]
     for _ in range(count - 1):
         axis = np.cross(first, rng.standard_normal(3))
@@ -87,6 +98,16 @@ def random_b0_directions(rng, count, max_tilt_deg):
         angle = np.deg2rad(rng.uniform(0, max_tilt_deg))
         directions.append(Rotation.from_rotvec(angle * axis).apply(first))
     return np.asarray(directions)
+
+
+def _template_head(rng, voxel_size_mm, config):
+    """The validation heads' brain: ``phantoms.brain_like`` around the template's centre on a grid of
+    ``HEAD_EXTENT_MM`` at ``voxel_size_mm`` (isotropic), drawn ``supersampling`` times finer.
+    Returns the voxel size and the fine susceptibility, mask and white matter fraction."""
+    s = config.supersampling
+    voxel_size = np.full(3, float(voxel_size_mm))
+    fine_shape = (int(np.ceil(HEAD_EXTENT_MM / voxel_size_mm)) * s,) * 3
+    return (voxel_size,) + phantoms.brain_like(rng, fine_shape, voxel_size / s, centre=phantoms.brain_centre())
 
 
 def _voxel_average(volume, supersampling):
@@ -179,13 +200,8 @@ def simulate_head(seed, voxel_size_mm, config, disturbance_fractions=(HEAD_DISTU
     """
     rng = np.random.default_rng([seed, HEAD_STREAM])
     s = config.supersampling
-    voxel_size = np.full(3, float(voxel_size_mm))
-    fine_shape = (int(np.ceil(HEAD_EXTENT_MM / voxel_size_mm)) * s,) * 3
-    fine_chi, fine_mask, fine_white_matter = phantoms.brain_like(rng, fine_shape, voxel_size / s,
-                                                                 centre=phantoms.brain_centre())
+    voxel_size, fine_chi, fine_mask, fine_white_matter = _template_head(rng, voxel_size_mm, config)
     chi, mask = _voxel_averaged_truth(fine_chi, fine_mask, s)
-    tilt = np.deg2rad(HEAD_B0_TILT_DEG)
-    b0_dir = np.array([np.sin(tilt), 0.0, np.cos(tilt)])
     box = bounding_box(mask, margin=2)
     heads = []
     if config.anisotropy_max_ppm > 0:
@@ -194,9 +210,10 @@ def simulate_head(seed, voxel_size_mm, config, disturbance_fractions=(HEAD_DISTU
         anisotropy = None
         if fraction > 0 and config.anisotropy_max_ppm > 0:
             anisotropy = (fraction * config.anisotropy_max_ppm * white_matter, fibres)
-        field = _measured_field(rng, fine_chi, voxel_size / s, mask, b0_dir, fraction * config.background_max_ppm,
+        field = _measured_field(rng, fine_chi, voxel_size / s, mask, HEAD_B0_DIR, fraction * config.background_max_ppm,
                                 fraction * config.noise_max_ppm, config, anisotropy)
-        heads.append(TrainingSample(chi[box], mask[box], field[box][np.newaxis], voxel_size, b0_dir[np.newaxis], 'head'))
+        heads.append(TrainingSample(chi[box], mask[box], field[box][np.newaxis], voxel_size, HEAD_B0_DIR[np.newaxis],
+                                    'head'))
     return heads
 
 
@@ -242,6 +259,11 @@ class TensorSample:
     voxel_size: np.ndarray
     b0_dirs: np.ndarray
     white_matter: np.ndarray
+
+    @property
+    def truth_ppm(self):
+        """What a network is trained to return: (6, *shape)."""
+        return self.tensor_ppm
 
 
 def _tensor_sample(rng, fine_chi, fine_mask, fine_white_matter, voxel_size, b0_dirs, anisotropy_ppm, noise_std_ppm,
@@ -290,18 +312,8 @@ def simulate_tensor_head(seed, voxel_size_mm, config, orientations):
     it; the mean anisotropy, noise and residual background of ``config`` (``simulate_head``'s
     stream, so not a training patch)."""
     rng = np.random.default_rng([seed, HEAD_STREAM])
-    s = config.supersampling
-    voxel_size = np.full(3, float(voxel_size_mm))
-    fine_shape = (int(np.ceil(HEAD_EXTENT_MM / voxel_size_mm)) * s,) * 3
-    fine_chi, fine_mask, fine_white_matter = phantoms.brain_like(rng, fine_shape, voxel_size / s,
-                                                                 centre=phantoms.brain_centre())
-    tilt = np.deg2rad(HEAD_B0_TILT_DEG)
-    first = np.array([np.sin(tilt), 0.0, np.cos(tilt)])
-    b0_dirs = [first]
-    for _ in range(orientations - 1):
-        axis = np.cross(first, rng.standard_normal(3))
-        b0_dirs.append(Rotation.from_rotvec(np.deg2rad(rng.uniform(0, config.max_tilt_deg)) * axis
-                                            / np.linalg.norm(axis)).apply(first))
+    voxel_size, fine_chi, fine_mask, fine_white_matter = _template_head(rng, voxel_size_mm, config)
+    b0_dirs = _tilted_from(rng, HEAD_B0_DIR, orientations, config.max_tilt_deg)
     head = _tensor_sample(rng, fine_chi, fine_mask, fine_white_matter, voxel_size, b0_dirs,
                           float(np.mean(config.anisotropy_range_ppm)), HEAD_DISTURBANCE_FRACTION * config.noise_max_ppm,
                           HEAD_DISTURBANCE_FRACTION * config.background_max_ppm, config)

@@ -32,6 +32,7 @@ recipe holds the last run's.
 SIGTERM or SIGINT (a batch scheduler's time limit, Ctrl-C) ends the run after the current step
 with the checkpoint, weights and card written, so it can be resumed or shipped as it is.
 """
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -83,6 +84,29 @@ def save_atomically(content, path):
     partial = path.with_name(path.name + '.partial')
     torch.save(content, partial)
     os.replace(partial, path)
+
+
+@contextlib.contextmanager
+def stop_requests_on_signals():
+    """A list that SIGTERM and SIGINT append to instead of stopping the process, so that a training
+    loop can end after its current step; the previous handlers come back on leaving."""
+    requests = []
+    previous_handlers = {number: signal.signal(number, lambda number, frame: requests.append(number))
+                         for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requests
+    finally:
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
+
+
+def optimisation_step(model, optimizer, loss, gradient_clip):
+    """One step of ``optimizer`` on ``loss``, the gradient norm clipped to ``gradient_clip`` (0: not)."""
+    optimizer.zero_grad()
+    loss.backward()
+    if gradient_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), gradient_clip)
+    optimizer.step()
 
 
 def _start(args, device):
@@ -158,41 +182,27 @@ def train_lpcnn(args):
         write_log({'step': step, **scores})
         return scores, runs
 
-    stop_requests = []
-
-    def request_stop(signal_number, frame):
-        stop_requests.append(signal_number)
-
-    previous_handlers = {number: signal.signal(number, request_stop) for number in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with log:
-            # Each run starts with a score on its own held-out data, new if its settings are.
-            write_log({'step': step, **scores_now()})
-            model.train()
-            batches = training_batches(recipe, config, args.batch_size, args.patch_size, step, args.steps, args.workers)
-            while step < args.steps and not stop_requests:
-                samples = next(batches)
-                fields, mask, chi, voxel_sizes, b0_dirs = batch_tensors(samples, device)
-                estimate = model(fields, mask, voxel_sizes, b0_dirs, bfloat16=bfloat16)
-                loss = masked_loss(estimate, chi, mask, recipe['loss'])
-                optimizer.zero_grad()
-                loss.backward()
-                if recipe['gradient_clip'] > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe['gradient_clip'])
-                optimizer.step()
-                step += 1
-                if step % args.log_every == 0:
-                    entry = {'step': step, 'loss': loss.item(), 'orientations': int(fields.shape[1]),
-                             'step_size': model.step_size.item()}
-                    if model.initial_estimate == 'l2':
-                        entry['l2_weight'] = model.log_l2_weight.exp().item()
-                    write_log(entry)
-                if step % args.checkpoint_every == 0 and step < args.steps:
-                    checkpoint_and_validate()
-            scores, runs = checkpoint_and_validate()
-    finally:
-        for number, handler in previous_handlers.items():
-            signal.signal(number, handler)
+    with log, stop_requests_on_signals() as stop_requests:
+        # Each run starts with a score on its own held-out data, new if its settings are.
+        write_log({'step': step, **scores_now()})
+        model.train()
+        batches = training_batches(recipe, config, args.batch_size, args.patch_size, step, args.steps, args.workers)
+        while step < args.steps and not stop_requests:
+            samples = next(batches)
+            fields, mask, chi, voxel_sizes, b0_dirs = batch_tensors(samples, device)
+            estimate = model(fields, mask, voxel_sizes, b0_dirs, bfloat16=bfloat16)
+            loss = masked_loss(estimate, chi, mask, recipe['loss'])
+            optimisation_step(model, optimizer, loss, recipe['gradient_clip'])
+            step += 1
+            if step % args.log_every == 0:
+                entry = {'step': step, 'loss': loss.item(), 'orientations': int(fields.shape[1]),
+                         'step_size': model.step_size.item()}
+                if model.initial_estimate == 'l2':
+                    entry['l2_weight'] = model.log_l2_weight.exp().item()
+                write_log(entry)
+            if step % args.checkpoint_every == 0 and step < args.steps:
+                checkpoint_and_validate()
+        scores, runs = checkpoint_and_validate()
 
     save_atomically(model.state_dict(), out / WEIGHTS_NAME)
     card = {

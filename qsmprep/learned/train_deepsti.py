@@ -20,7 +20,6 @@ after the current step with everything written.
 import dataclasses
 import datetime
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -31,26 +30,17 @@ import torch
 from qsmprep import __version__
 from qsmprep.science import metrics, orientations
 
-from .batches import training_batches
+from .batches import batch_tensors, training_batches
 from .deepsti import DeepSTI, deepsti_invert, tensor_loss
 from .lpcnn import NETWORK_UNITS_PER_PPM
 from .models import CARD_NAME, CHECKPOINT_NAME, WEIGHTS_NAME, sha256_of
 from .simulate import TENSOR_GENERATOR_VERSION, TensorSimulationConfig, simulate_tensor_batch, simulate_tensor_head
-from .train import LOG_NAME, hardware_description, save_atomically, training_device
+from .train import (LOG_NAME, hardware_description, optimisation_step, save_atomically, stop_requests_on_signals,
+                    training_device)
 
 RUN_ARGUMENTS = ('command', 'out', 'steps', 'resume', 'device', 'workers', 'checkpoint_every', 'log_every',
                  'patch_size', 'batch_size', 'learning_rate')
 ARCHITECTURE = ('iterations', 'channels', 'blocks', 'initial_step_size', 'pad_factor', 'initial_anisotropy_weight')
-
-
-def _batch_tensors(samples, device):
-    def stacked(arrays):
-        return torch.from_numpy(np.stack(arrays).astype(np.float32)).to(device)
-
-    fields = stacked([s.local_fields_ppm for s in samples]) * NETWORK_UNITS_PER_PPM
-    mask = stacked([s.mask[np.newaxis] for s in samples])
-    tensor = stacked([s.tensor_ppm for s in samples]) * NETWORK_UNITS_PER_PPM
-    return fields, mask, tensor, [s.voxel_size for s in samples], [s.b0_dirs for s in samples]
 
 
 def validation_heads(recipe, config):
@@ -146,35 +136,24 @@ def train_deepsti(args):
                           'recipe': recipe, 'generator_version': TENSOR_GENERATOR_VERSION,
                           'runs': earlier_runs + [this_run()], 'best': best}, out / CHECKPOINT_NAME)
 
-    stop_requests = []
-    previous_handlers = {number: signal.signal(number, lambda number, frame: stop_requests.append(number))
-                         for number in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with log:
-            if best is None:
-                validate_and_checkpoint()
-            model.train()
-            batches = training_batches(recipe, config, args.batch_size, args.patch_size, step, args.steps,
-                                       args.workers, simulate=simulate_tensor_batch)
-            while step < args.steps and not stop_requests:
-                fields, mask, tensor, voxel_sizes, b0_dirs = _batch_tensors(next(batches), device)
-                loss = tensor_loss(model(fields, mask, voxel_sizes, b0_dirs), tensor, mask,
-                                   recipe['anisotropy_loss_weight'])
-                optimizer.zero_grad()
-                loss.backward()
-                if recipe['gradient_clip'] > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe['gradient_clip'])
-                optimizer.step()
-                step += 1
-                if step % args.log_every == 0:
-                    write_log({'step': step, 'loss': loss.item(), 'orientations': int(fields.shape[1]),
-                               'step_size': model.step_size.item()})
-                if step % args.checkpoint_every == 0 and step < args.steps:
-                    validate_and_checkpoint()
+    with log, stop_requests_on_signals() as stop_requests:
+        if best is None:
             validate_and_checkpoint()
-    finally:
-        for number, handler in previous_handlers.items():
-            signal.signal(number, handler)
+        model.train()
+        batches = training_batches(recipe, config, args.batch_size, args.patch_size, step, args.steps,
+                                   args.workers, simulate=simulate_tensor_batch)
+        while step < args.steps and not stop_requests:
+            fields, mask, tensor, voxel_sizes, b0_dirs = batch_tensors(next(batches), device)
+            loss = tensor_loss(model(fields, mask, voxel_sizes, b0_dirs), tensor, mask,
+                               recipe['anisotropy_loss_weight'])
+            optimisation_step(model, optimizer, loss, recipe['gradient_clip'])
+            step += 1
+            if step % args.log_every == 0:
+                write_log({'step': step, 'loss': loss.item(), 'orientations': int(fields.shape[1]),
+                           'step_size': model.step_size.item()})
+            if step % args.checkpoint_every == 0 and step < args.steps:
+                validate_and_checkpoint()
+        validate_and_checkpoint()
 
     card = {
         'model': 'deepsti',

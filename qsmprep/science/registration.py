@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import masking
+from .physics import voxel_size_from_affine
 
 # Coarse to fine: shrink factors and Gaussian smoothing (voxels) per level.
 SHRINK_FACTORS = (4, 2, 1)
@@ -103,8 +104,7 @@ def register_rigid(moving, moving_affine, reference, reference_affine, reference
     if reference_mask is not None and moving_mask is None:
         # From the centres of mass alone the search stopped 12-19 degrees short of 25-degree turns
         # (benchmarks/REGISTRATION.md).
-        moving_voxel_size = np.linalg.norm(np.asarray(moving_affine, dtype=float)[:3, :3], axis=0)
-        moving_mask = masking.brain_mask(moving, moving_voxel_size)
+        moving_mask = masking.brain_mask(moving, voxel_size_from_affine(moving_affine))
     if reference_mask is not None:
         # Gradient descent from the centres alone stopped at 7 of 20 degrees of pitch.
         start = principal_axes_transform(moving_mask, moving_affine, reference_mask, reference_affine)
@@ -123,8 +123,8 @@ def register_rigid(moving, moving_affine, reference, reference_affine, reference
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(SAMPLING_FRACTION, RANDOM_SEED)
     if reference_mask is not None:
-        voxel_size = np.linalg.norm(np.asarray(reference_affine, dtype=float)[:3, :3], axis=0)
-        around = masking.dilated(np.asarray(reference_mask) > 0, MASK_DILATION_MM, voxel_size)
+        around = masking.dilated(np.asarray(reference_mask) > 0, MASK_DILATION_MM,
+                                 voxel_size_from_affine(reference_affine))
         method.SetMetricFixedMask(sitk.Cast(_image(around, reference_affine), sitk.sitkUInt8))
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=ITERATIONS,
