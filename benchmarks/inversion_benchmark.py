@@ -12,7 +12,7 @@ two threads unless ``--device cuda``.
 
 The multi-orientation section simulates one head fixed on its voxel grid under several B0
 directions, as registered multi-orientation data arrive, and compares TV on the first
-orientation with LP-CNN given the first one, two and three. The model-error section adds to the
+orientation with LP-CNN and LPN given the first one, two and three. The model-error section adds to the
 simulated head what a scalar dipole model does not explain (benchmarks/weight_calibration.py):
 white matter's susceptibility anisotropy, and white noise stronger than LP-CNN trained on.
 """
@@ -38,7 +38,7 @@ from benchmarks.simulate_bids import (CHI_AIR, ECHO_TIMES_S, FIELD_STRENGTH_T, h
                                       simulate_megre, tilted_affine, voxel_averaged_field)
 from benchmarks.weight_calibration import simulated_case  # noqa: E402
 from qsmprep.learned.phantoms import FIBRE_SMOOTHING_MM  # noqa: E402
-from qsmprep.methods import INVERSIONS  # noqa: E402
+from qsmprep.methods import INVERSIONS, LEARNED_INVERSIONS  # noqa: E402
 from qsmprep.science import bgremove, inversion, masking, metrics  # noqa: E402
 
 PUBLISHED = {'CFL2': None, 'QSMnet': (2, 6, 6), 'QSMnet+': (2, 6, 6)}
@@ -54,7 +54,7 @@ ORIENTATION_ROTATIONS_DEG = ((SIMULATED_TILT_DEG, 0, 0), (-10, 25, 0), (5, -20, 
 # section: anisotropy as large as the training simulator draws (simulate.SimulationConfig), and noise
 # above its training's largest (0.005 ppm).
 MODEL_ERRORS_PPM = ((0.03, 0.001), (0.0, 0.008))
-MODEL_ERROR_METHODS = ('tv', 'l2', 'lpcnn')
+MODEL_ERROR_METHODS = ('tv', 'l2') + LEARNED_INVERSIONS
 
 
 def load_challenge(data_dir):
@@ -96,13 +96,13 @@ def published_result(data_dir, name, offset, shape):
 
 
 def _invert(method, data, device):
-    if method == 'lpcnn':
+    if method in ('lpcnn', 'lpn'):
         import torch
-        from qsmprep.learned.models import invert_with_shipped_lpcnn
+        from qsmprep.learned.models import invert_with_shipped
         torch.set_num_threads(2)
         fields = data.get('local_fields', [data['local_field']])
         b0_dirs = data.get('b0_dirs', [data['b0_dir']])
-        return invert_with_shipped_lpcnn(fields, data['mask'], data['voxel_size'], b0_dirs, device=device)
+        return invert_with_shipped(method, fields, data['mask'], data['voxel_size'], b0_dirs, device=device)
     options = {'phase_scale_rad_per_ppm': data['phase_scale']} if method == 'nltv' else {}
     return inversion.invert(data['local_field'], data['mask'], data['voxel_size'], data['b0_dir'], method=method,
                             magnitude=data['magnitude'] if method in ('tv', 'nltv') else None, **options)
@@ -200,13 +200,34 @@ def multi_orientation_head(voxel_size_mm=1.0):
 def orientation_rows(data, device):
     chi, parameters, seconds, peak_gb = run_method('tv', data)
     rows = [('qsmprep tv, 1 orientation', scores(chi, data), _chosen(parameters), f'{seconds:.1f}', f'{peak_gb:.2f}')]
-    for count in range(1, len(data['local_fields']) + 1):
-        subset = {**data, 'local_fields': data['local_fields'][:count], 'b0_dirs': data['b0_dirs'][:count]}
-        chi, parameters, seconds, peak_gb = run_method('lpcnn', subset, device)
-        rows.append((f'qsmprep lpcnn, {count} orientation{"s" if count > 1 else ""}', scores(chi, data),
-                     _chosen(parameters), f'{seconds:.1f}', f'{peak_gb:.2f}'))
-        print(rows[-1], flush=True)
+    for method in LEARNED_INVERSIONS:
+        for count in range(1, len(data['local_fields']) + 1):
+            subset = {**data, 'local_fields': data['local_fields'][:count], 'b0_dirs': data['b0_dirs'][:count]}
+            chi, parameters, seconds, peak_gb = run_method(method, subset, device)
+            rows.append((f'qsmprep {method}, {count} orientation{"s" if count > 1 else ""}', scores(chi, data),
+                         _chosen(parameters), f'{seconds:.1f}', f'{peak_gb:.2f}'))
+            print(rows[-1], flush=True)
     return rows
+
+
+def orientation_consistency_lines(data, device):
+    """QSMnet's orientation consistency: each method maps every orientation of the head alone; the
+    lines of a table of the standard deviation across those maps, averaged over the mask, and their
+    mean NRMSE. A map that follows the data, not its orientation's artefacts, varies little."""
+    mask = data['mask']
+    lines = ['| method | spread across orientations, ppb | mean NRMSE % of the single-orientation maps |',
+             '|---|---|---|']
+    for method in ('tv',) + LEARNED_INVERSIONS:
+        maps = []
+        for field, b0_dir in zip(data['local_fields'], data['b0_dirs']):
+            single = {**data, 'local_field': field, 'b0_dir': b0_dir, 'local_fields': [field], 'b0_dirs': [b0_dir]}
+            chi = run_method(method, single, device)[0]
+            maps.append(np.where(mask, chi - chi[mask].mean(), 0))
+        spread_ppb = 1000 * float(np.std(maps, axis=0)[mask].mean())
+        nrmse = np.mean([metrics.nrmse(chi, data['reference'], mask) for chi in maps])
+        lines.append(f'| {method} | {spread_ppb:.2f} | {nrmse:.1f} |')
+        print(lines[-1], flush=True)
+    return lines
 
 
 def model_error_rows(device, voxel_size_mm=1.0):
@@ -253,7 +274,9 @@ def main():
         chi = published_result(args.data, name, offset, challenge['mask'].shape)
         challenge_rows.append((f'published {name}', scores(chi, challenge), '', '', ''))
     simulated_rows = method_rows(simulated_head(), methods, args.device)
-    orientations = orientation_rows(multi_orientation_head(), args.device)
+    multi_orientation = multi_orientation_head()
+    orientations = orientation_rows(multi_orientation, args.device)
+    consistency = orientation_consistency_lines(multi_orientation, args.device)
     model_errors = model_error_rows(args.device)
 
     lines = [
@@ -288,9 +311,15 @@ def main():
         '',
         'The same head fixed on its grid, B0 turned by the head rotations (degrees, rotation vectors)',
         f'{", ".join(str(r) for r in ORIENTATION_ROTATIONS_DEG)}; local fields from V-SHARP of each true',
-        'total field, scored over the V-SHARP mask. TV sees the first orientation; LP-CNN the first 1, 2, 3.',
+        'total field, scored over the V-SHARP mask. TV sees the first orientation; LP-CNN and LPN the first 1, 2, 3.',
         '',
         *table(orientations, with_chi33=False),
+        '',
+        'Orientation consistency (as QSMnet measured it): each orientation of the same head inverted',
+        'alone, each map referenced to its mean over the mask; the standard deviation of the three maps',
+        'at each voxel, averaged over the mask.',
+        '',
+        *consistency,
         '',
         '## Simulated 1 mm head with model error, against the true mean susceptibility',
         '',

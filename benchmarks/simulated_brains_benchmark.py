@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.inversion_benchmark import (_chosen, _device_name, machine_description,  # noqa: E402
                                            run_method, scores)
 from qsmprep.learned.lpcnn import lpcnn_invert  # noqa: E402
-from qsmprep.learned.models import SHIPPED_LPCNN, load_model, read_card  # noqa: E402
+from qsmprep.learned.models import SHIPPED, load_model, read_card  # noqa: E402
 from qsmprep.learned.simulate import (HEAD_B0_TILT_DEG, VALIDATION_STREAM, SimulationConfig,  # noqa: E402
                                       simulate_batch, simulate_head)
 from qsmprep.learned.recipe import simulation_config  # noqa: E402
@@ -39,7 +39,7 @@ from qsmprep.science import metrics  # noqa: E402
 HELD_OUT_SEEDS = (10, 11, 12)
 DISTURBANCE_FRACTIONS = (0.0, 0.5, 1.0)
 VOXEL_SIZE_MM = 1.5
-METHODS = ('tkd', 'l2', 'tv', 'lpcnn')
+METHODS = ('tkd', 'l2', 'tv', 'lpcnn', 'lpn')
 METRICS = ('NRMSE', 'dNRMSE', 'HFEN', 'XSIM')
 PATCH_SIZES = (32, 64, 96)
 # The first patches of the validation stream of seed 0, the shipped model's, held out from its
@@ -67,11 +67,11 @@ def size_rows(brain_list, results, device):
     """The table of what the CNN adds to its start: patches of each size, then the whole brains
     (their LP-CNN scores from ``results``)."""
     torch.set_num_threads(2)
-    model = load_model(SHIPPED_LPCNN)
+    model = load_model(SHIPPED['lpcnn'])
     # No proximal steps: the model returns its starting estimate.
-    start_model = load_model(SHIPPED_LPCNN)
+    start_model = load_model(SHIPPED['lpcnn'])
     start_model.iterations = 0
-    config = simulation_config(read_card(SHIPPED_LPCNN)[0]['recipe'])
+    config = simulation_config(read_card(SHIPPED['lpcnn'])[0]['recipe'])
     lines = ['| volume | count | start NRMSE % | LP-CNN NRMSE % | CNN gain (points) |', '|---|---|---|---|---|']
     for size in PATCH_SIZES:
         pairs = []
@@ -140,8 +140,8 @@ def main():
         f'({config.noise_max_ppm:g} ppm), residual background ({config.background_max_ppm:g} ppm RMS) and white matter',
         f'anisotropy ({config.anisotropy_max_ppm:g} ppm) in the field. Scored inside the brain mask against the true',
         'mean susceptibility, both referenced to their mean there (CONVENTIONS.md); dNRMSE after the best',
-        f'linear rescaling. LP-CNN is the shipped model, run on {args.device} ({_device_name(args.device)}); TV',
-        'without magnitude weighting.',
+        f'linear rescaling. LP-CNN and LPN are the shipped models, run on {args.device} ({_device_name(args.device)});',
+        'LPN with its card\'s iterations and step size; TV without magnitude weighting.',
         '',
         '## NRMSE % of each brain',
         '',

@@ -20,6 +20,7 @@ class InversionMethod:
     citation: str
     sidecar_parameters: dict = field(default_factory=dict)  # fixed entries; chosen values are added per run
     learned: bool = False  # needs torch; takes one or several orientations
+    model_name: str = ''  # a learned method's shipped model, as users read it
 
 
 _WEIGHT_RULE = {'RegularizationWeightRule': f'{inversion.TV_TO_L2_WEIGHT} x the GCV weight of closed-form L2, '
@@ -56,7 +57,14 @@ INVERSIONS = {method.name: method for method in (
         'model card inside the package',
         'Lai KW, Aggarwal M, van Zijl P, Li X, Sulam J. Learned proximal networks for quantitative '
         'susceptibility mapping. MICCAI 2020, LNCS 12262:125-135.',
-        learned=True),
+        learned=True, model_name='LP-CNN'),
+    InversionMethod(
+        'lpn', 'proximal gradient descent with the learned proximal network (LPN) shipped with qsmprep, whose '
+               'regularizer can be evaluated; needs torch',
+        'proximal gradient descent with a learned proximal network (LPN, Fang et al. 2024), a denoiser trained by '
+        'qsmprep-train on simulated susceptibility; model card inside the package',
+        'Fang Z, Buchanan S, Sulam J. What\'s in a prior? Learned proximal networks for inverse problems. ICLR 2024.',
+        learned=True, model_name='LPN'),
 )}
 DEFAULT_INVERSION = inversion.DEFAULT_INVERSION
 LEARNED_INVERSIONS = tuple(name for name, method in INVERSIONS.items() if method.learned)
@@ -82,9 +90,9 @@ def invert(method, local_fields_ppm, mask, voxel_size, b0_dirs, magnitude=None, 
     if INVERSIONS[method].learned:
         import torch
 
-        from .learned.models import invert_with_shipped_lpcnn
+        from .learned.models import invert_with_shipped
         torch.set_num_threads(max(1, threads))
-        chi, parameters = invert_with_shipped_lpcnn(list(local_fields_ppm), mask, voxel_size, list(b0_dirs))
+        chi, parameters = invert_with_shipped(method, list(local_fields_ppm), mask, voxel_size, list(b0_dirs))
     else:
         if len(local_fields_ppm) != 1:
             raise ValueError(f'{method} inverts one local field; several orientations need '

@@ -28,11 +28,14 @@
 # One core simulates a 96^3 batch of 4 in about 9 s, so qsmprep-train's default of one simulation
 # worker per CPU core but one (15 there) is what keeps the GPU busy.
 #
+# MODEL=lpn resumes the shipped LPN (qsmprep/learned/models/lpn/; a denoiser of patches, so
+# --patch-size 64 --batch-size 8 or larger) and times its proximal gradient descent on 160^3.
+#
 # MODEL=deepsti resumes the shipped DeepSTI instead (qsmprep/learned/models/deepsti/; large patches,
 # e.g. --patch-size 64 --batch-size 4, are again the first thing to try) and times it on 160^3 with
 # 6 orientations.
 set -euo pipefail
-minutes=${1:?usage: [MODEL=lpcnn|deepsti] bash scripts/gpu_session.sh MINUTES [qsmprep-train arguments]}
+minutes=${1:?usage: [MODEL=lpcnn|lpn|deepsti] bash scripts/gpu_session.sh MINUTES [qsmprep-train arguments]}
 shift
 out=${OUT:?OUT must name the folder to leave the results in}
 model=${MODEL:-lpcnn}
@@ -49,7 +52,7 @@ timeout --signal=TERM "${minutes}m" python3 -m qsmprep.cli.train "$model" --out 
     "$@" || [ $? -eq 124 ]
 
 python3 - "$out/model" <<'EOF' | tee "$out/gpu_timing.txt"
-"""Seconds of LP-CNN or DeepSTI inference on a 160^3 box on the GPU, and its agreement with the CPU."""
+"""Seconds of LP-CNN, LPN or DeepSTI inference on a 160^3 box on the GPU, and its agreement with the CPU."""
 import functools
 import sys
 import time
@@ -59,7 +62,8 @@ import torch
 
 from qsmprep.learned import lpcnn
 from qsmprep.learned.deepsti import DeepSTI, deepsti_invert
-from qsmprep.learned.models import load_model
+from qsmprep.learned.lpn import LPN, lpn_invert
+from qsmprep.learned.models import load_model, read_card
 from qsmprep.science.physics import DipoleOperator
 
 model = load_model(sys.argv[1])
@@ -71,7 +75,12 @@ grid = np.indices(shape).astype(np.float32) - 79.5
 mask = (grid ** 2).sum(axis=0) < 70 ** 2
 chi = np.where(mask, 0.05 * np.sin(grid[0] / 7) * np.cos(grid[1] / 11), 0).astype(np.float32)
 field = np.where(mask, DipoleOperator(shape, voxel_size, b0_dirs[0], pad_factor=1.5).forward(chi), 0)
-if isinstance(model, DeepSTI):
+if isinstance(model, LPN):
+    card = read_card(sys.argv[1])[0]['inference']
+    name, cpu_options = f'LPN ({card["iterations"]} proximal gradient iterations)', {}
+    invert = functools.partial(lpn_invert, field, mask, voxel_size, b0_dirs[0], model, card['step_size'],
+                               card['iterations'])
+elif isinstance(model, DeepSTI):
     name, cpu_options = 'DeepSTI (6 orientations)', {}
     fields = [np.where(mask, DipoleOperator(shape, voxel_size, b0_dir, pad_factor=1.5).forward(chi), 0)
               for b0_dir in b0_dirs]

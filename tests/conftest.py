@@ -32,6 +32,17 @@ class SimulatedHead:
         self.chi = np.where(self.brain, self.phantom['chi'], 0)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread: the test machines' few cores are shared, and one thread is faster than
+    contending for two."""
+    torch = pytest.importorskip('torch')
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='session')
 def head():
     return SimulatedHead(2.0, 0.0)

@@ -105,8 +105,8 @@ def head():
 
 
 def test_shipped_deepsti_from_four_orientations_beats_least_squares_from_four(head):
-    card, _ = models.read_card(models.SHIPPED_DEEPSTI)
-    assert card['weights']['sha256'] == models.sha256_of(models.SHIPPED_DEEPSTI / card['weights']['file'])
+    card, _ = models.read_card(models.SHIPPED['deepsti'])
+    assert card['weights']['sha256'] == models.sha256_of(models.SHIPPED['deepsti'] / card['weights']['file'])
     fields, directions = head.local_fields_ppm[:4], head.b0_dirs[:4]
     learned, _ = models.tensor_with_shipped_deepsti(list(fields), head.mask, head.voxel_size, directions)
     least_squares = orientations.sti_least_squares(fields, head.mask, head.voxel_size, directions)

@@ -29,13 +29,7 @@ OBLIQUE /= np.linalg.norm(OBLIQUE, axis=1, keepdims=True)
 ANISOTROPIC_VOXEL = (0.7, 1.1, 1.4)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # The test machines' few cores are shared: one thread is faster than contending for two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _random_model(seed=0):
@@ -402,11 +396,11 @@ def test_load_model_refuses_weights_that_do_not_match_the_card(tmp_path):
 def test_shipped_model_matches_its_card_and_reproduces_its_validation_scores():
     from qsmprep.learned import models, recipe as recipes, validation
 
-    card, _ = models.read_card(models.SHIPPED_LPCNN)
+    card, _ = models.read_card(models.SHIPPED['lpcnn'])
     recipe = card['recipe']
-    assert card['weights']['sha256'] == models.sha256_of(models.SHIPPED_LPCNN / card['weights']['file'])
+    assert card['weights']['sha256'] == models.sha256_of(models.SHIPPED['lpcnn'] / card['weights']['file'])
     assert card['generator']['version'] == simulate.GENERATOR_VERSION
-    model = models.shipped_lpcnn()
+    model = models.shipped_model('lpcnn')
     config = recipes.simulation_config(recipe)
     # The first held-out patches, drawn as the training command draws them.
     for index in range(2):
@@ -419,8 +413,8 @@ def test_shipped_model_matches_its_card_and_reproduces_its_validation_scores():
 def test_shipped_model_beats_tkd_on_brain_like_phantoms_it_was_not_trained_on():
     from qsmprep.learned import models, recipe
 
-    card, _ = models.read_card(models.SHIPPED_LPCNN)
-    model = models.shipped_lpcnn()
+    card, _ = models.read_card(models.SHIPPED['lpcnn'])
+    model = models.shipped_model('lpcnn')
     # Brain-like patches with one orientation and no residual background, from a seed (7) that
     # neither the training nor its validation (seed 0) drew from.
     config = dataclasses.replace(recipe.simulation_config(card['recipe']), brain_fraction=1.0, max_orientations=1,
@@ -434,3 +428,27 @@ def test_shipped_model_beats_tkd_on_brain_like_phantoms_it_was_not_trained_on():
         truncated.append(metrics.nrmse(inversion.tkd(field, sample.mask, sample.voxel_size, b0_dir),
                                        sample.chi_ppm, sample.mask))
     assert np.mean(learned) < np.mean(truncated) - 3
+
+
+def test_a_cone_restricted_correction_leaves_the_well_measured_frequencies_alone():
+    shape, voxel_size, b0_dir = (24, 22, 20), (1.0, 1.0, 1.0), OBLIQUE[0]
+    # Unpadded, so that the grid's frequencies are the kernel's (padded, the crop mixes them).
+    operator = lpcnn.TorchDipoleOperator(shape, [voxel_size], [[b0_dir]], pad_factor=1.0)
+    correction = torch.randn((1, 1) + shape)
+    original = torch.fft.rfftn(correction, dim=(-3, -2, -1))[0, 0]
+    kept = torch.fft.rfftn(operator.ill_conditioned_part(correction, lpcnn.CONE_THRESHOLD), dim=(-3, -2, -1))[0, 0]
+    kernel = operator.kernels[0, 0].abs()
+    # Off the Nyquist planes, where an oblique kernel is not Hermitian and the real FFT folds it.
+    inner = torch.ones_like(kernel, dtype=torch.bool)
+    inner[shape[0] // 2], inner[:, shape[1] // 2], inner[..., shape[2] // 2] = False, False, False
+    assert kept[inner & (kernel >= lpcnn.CONE_THRESHOLD)].abs().max() < 1e-5 * original.abs().max()
+    # Within the threshold the share rises to all of it where the kernel vanishes.
+    share = 1 - (kernel / lpcnn.CONE_THRESHOLD).clamp(max=1)
+    assert torch.allclose(kept[inner], (share * original)[inner], atol=1e-5 * original.abs().max())
+
+    model = _random_model()
+    fields, mask = _fields_and_mask(shape)
+    free = lpcnn.lpcnn_invert(fields, mask, voxel_size, OBLIQUE, model, device='cpu', reflection_average=False)
+    model.correction = 'cone'
+    restricted = lpcnn.lpcnn_invert(fields, mask, voxel_size, OBLIQUE, model, device='cpu', reflection_average=False)
+    assert not np.allclose(free, restricted, atol=1e-4)

@@ -7,7 +7,7 @@ from qsmprep.science import inversion
 def test_every_classical_solver_is_registered_and_every_registered_method_has_a_solver():
     classical = tuple(name for name, method in methods.INVERSIONS.items() if not method.learned)
     assert classical == inversion.INVERSION_METHODS
-    assert methods.LEARNED_INVERSIONS == ('lpcnn',)
+    assert methods.LEARNED_INVERSIONS == ('lpcnn', 'lpn')
     assert methods.DEFAULT_INVERSION in classical
 
 

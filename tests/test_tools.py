@@ -122,3 +122,19 @@ def test_lpcnn_takes_several_orientations_of_one_grid(files, head, run_tool, tmp
     result = run_tool('invert', files['local_field'], second_field, '--mask', files['brain'], '--method', 'tv',
                       '-o', out)
     assert result.returncode == 1 and 'several orientations need' in result.stderr
+
+
+def test_lpn_writes_its_regularizer_map_and_other_methods_refuse_one(files, head, run_tool, tmp_path):
+    pytest.importorskip('torch')
+    out, regularizer = tmp_path / 'chi_lpn.nii.gz', tmp_path / 'regularizer.nii.gz'
+    result = run_tool('invert', files['local_field'], '--mask', files['brain'], '--method', 'lpn', '-o', out,
+                      '--regularizer-map', regularizer)
+    assert result.returncode == 0, result.stderr
+    assert 'LPN (' in result.stdout and 'learned regularizer R = ' in result.stdout
+    assert metrics.correlation(load(out), head.chi, head.brain) > 0.7
+    values = load(regularizer)
+    assert np.all(values[~head.brain] == 0) and np.any(values[head.brain] != 0)
+
+    result = run_tool('invert', files['local_field'], '--mask', files['brain'], '--method', 'tv', '-o', out,
+                      '--regularizer-map', regularizer)
+    assert result.returncode == 1 and '--method lpn' in result.stderr and 'Traceback' not in result.stderr

@@ -68,7 +68,8 @@ def build_parser():
     methods.add_argument('--bgremove', choices=bgremove.BGREMOVE_METHODS, default='vsharp')
     methods.add_argument('--inversion', choices=tuple(INVERSIONS),
                          default=DEFAULT_INVERSION,
-                         help='lpcnn: the learned proximal network shipped with qsmprep (needs torch)')
+                         help='lpcnn: the learned LP-CNN shipped with qsmprep; lpn: proximal gradient descent with '
+                              'the learned proximal network shipped with qsmprep (both need torch)')
     methods.add_argument('--masking', choices=MASKING_METHODS, default='two-pass',
                          help='two-pass (default): also drop voxels whose phase is a wrap off their neighbours, '
                               'so their streaks do not spread; magnitude: the magnitude mask alone')

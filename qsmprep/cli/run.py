@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..bids import InputError, check_user_mask, collect_megre_series
 from ..files import remove_temporary_files, write_text_atomically
-from ..learned import missing_torch_message, shipped_lpcnn_voxel_size_range_mm
-from ..methods import LEARNED_INVERSIONS, STI_METHODS
+from ..learned import missing_torch_message, shipped_voxel_size_range_mm
+from ..methods import INVERSIONS, LEARNED_INVERSIONS, STI_METHODS
 from ..settings import Settings
 from .parser import build_parser
 
@@ -241,12 +241,13 @@ def _run_participants(settings):
         torch_message = missing_torch_message(f'--inversion {settings.inversion}')
         if torch_message:
             return _fail(torch_message, code=2)
-        smallest, largest = shipped_lpcnn_voxel_size_range_mm()
+        smallest, largest = shipped_voxel_size_range_mm(settings.inversion)
         for series in series_list:
             if min(series.voxel_size_mm) < smallest or max(series.voxel_size_mm) > largest:
-                logger.warning('%s: voxels of %s mm, outside the %g-%g mm that the shipped LP-CNN was trained on; '
+                logger.warning('%s: voxels of %s mm, outside the %g-%g mm that the shipped %s was trained on; '
                                'its map may be less accurate than on data inside that range', series.name,
-                               [round(v, 2) for v in series.voxel_size_mm], smallest, largest)
+                               [round(v, 2) for v in series.voxel_size_mm], smallest, largest,
+                               INVERSIONS[settings.inversion].model_name)
 
     # Each run keeps its own settings and log, even when several run into one folder at once.
     write_dataset_description(settings.output_dir, settings.bids_dir)

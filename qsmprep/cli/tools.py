@@ -85,6 +85,9 @@ def _orientation_b0_dirs(args, images):
 
 
 def run_invert(args):
+    if args.regularizer_map and args.method != 'lpn':
+        raise ToolError(f'--regularizer-map evaluates the learned regularizer of --method lpn; --method {args.method} '
+                        'has none to evaluate. Drop --regularizer-map or use --method lpn.')
     if len(args.local_fields) > 1 and args.method not in LEARNED_INVERSIONS:
         raise ToolError(f'--method {args.method} inverts one local field; several orientations need '
                         f'--method {" or ".join(LEARNED_INVERSIONS)}.')
@@ -115,12 +118,18 @@ def run_invert(args):
                                      _orientation_b0_dirs(args, images), magnitude=magnitude,
                                      echo_times=echo_times, field_strength=args.field_strength)
     if args.method in LEARNED_INVERSIONS:
-        print(f'LP-CNN ({parameters["ModelTrainingSteps"]} training steps, sha256 {parameters["ModelSha256"][:12]}) '
-              f'on {len(fields)} orientation(s)')
+        print(f'{parameters["Model"]} ({parameters["ModelTrainingSteps"]} training steps, sha256 '
+              f'{parameters["ModelSha256"][:12]}) on {len(fields)} orientation(s)')
     else:
         for key, value in parameters.items():
             print(f'{key}: {value:.4g}')
     _save(chi, image, args.output)
+    if args.regularizer_map:
+        from ..learned.lpn import lpn_regularizer_map
+        from ..learned.models import shipped_model
+        values = lpn_regularizer_map(chi, mask, voxel_size_from_affine(image.affine), shipped_model('lpn'))
+        _save(values, image, args.regularizer_map)
+        print(f'learned regularizer R = {values.sum(dtype=np.float64):.6g} (network units squared)')
 
 
 def run_register(args):
@@ -277,7 +286,8 @@ def build_parser():
 
     invert = commands.add_parser('invert', help='local field (ppm) to susceptibility (ppm)')
     invert.add_argument('local_fields', nargs='+', metavar='local_field',
-                        help='one local field; with --method lpcnn, one per head orientation, all on one grid')
+                        help='one local field; with a learned --method (lpcnn, lpn), one per head orientation, all '
+                             'on one grid')
     invert.add_argument('--mask', required=True)
     invert.add_argument('--method', choices=tuple(INVERSIONS),
                         default=DEFAULT_INVERSION)
@@ -288,6 +298,10 @@ def build_parser():
     invert.add_argument('--echo-times', nargs='+', type=float, default=[], metavar='SECONDS',
                         help='for nltv: the echo times the field was fitted from')
     invert.add_argument('--field-strength', type=float, metavar='TESLA', help='for nltv')
+    invert.add_argument('--regularizer-map', metavar='PATH',
+                        help='for lpn: also write the learned regularizer R evaluated at the result, per voxel (its '
+                             'sum is R; in the network units squared of the model card), to see what the prior '
+                             'penalizes')
     invert.add_argument('-o', '--output', required=True)
     invert.set_defaults(run=run_invert)
 

@@ -1,10 +1,12 @@
-"""Learned dipole inversion (needs torch): LP-CNN and DeepSTI, their training-data simulator and
-their training command.
+"""Learned dipole inversion (needs torch): LP-CNN, LPN and DeepSTI, their training-data simulator
+and their training command.
 
 - ``lpcnn``: the dipole operator in torch, the proximal CNN, the unrolled LP-CNN and ``lpcnn_invert``.
+- ``lpn``: the learned proximal network, its regularizer and ``lpn_invert``.
 - ``deepsti``: the tensor dipole operator in torch, DeepSTI and ``deepsti_invert``.
 - ``phantoms`` and ``simulate``: seeded, versioned training samples simulated on the fly.
-- ``train`` and ``train_deepsti``: ``qsmprep-train lpcnn`` and ``deepsti``, checkpoints and model cards.
+- ``train``, ``train_lpn`` and ``train_deepsti``: ``qsmprep-train lpcnn``, ``lpn`` and ``deepsti``,
+  checkpoints and model cards.
 - ``models``: the shipped models, their cards and ``load_model``.
 
 Nothing here but this module is imported by the rest of qsmprep before a learned method is
@@ -15,13 +17,16 @@ import json
 from pathlib import Path
 
 SHIPPED_LPCNN_CARD = Path(__file__).parent / 'models' / 'lpcnn' / 'model_card.json'
+SHIPPED_LPN_CARD = Path(__file__).parent / 'models' / 'lpn' / 'model_card.json'
 SHIPPED_DEEPSTI_CARD = Path(__file__).parent / 'models' / 'deepsti' / 'model_card.json'
+SHIPPED_INVERSION_CARDS = {'lpcnn': SHIPPED_LPCNN_CARD, 'lpn': SHIPPED_LPN_CARD}
 
 
-def shipped_lpcnn_voxel_size_range_mm():
-    """The (smallest, largest) voxel size in mm that the shipped LP-CNN was trained on."""
-    card = json.loads(SHIPPED_LPCNN_CARD.read_text())
-    return tuple(card['recipe']['voxel_size_range'])
+def shipped_voxel_size_range_mm(method):
+    """The (smallest, largest) voxel size in mm that the shipped model of the learned inversion
+    ``method`` was trained on."""
+    card = json.loads(SHIPPED_INVERSION_CARDS[method].read_text())
+    return tuple(card['generator']['config']['voxel_size_range_mm'])
 
 
 def missing_torch_message(option):

@@ -17,6 +17,10 @@ The susceptibility estimate is updated by unrolled proximal gradient steps on th
 - P_theta is one CNN shared by all iterations (the paper's choice); it sees the estimate and
   the mask and returns a corrected estimate. Inference keeps the trained iteration count: more
   or fewer did not pay (benchmarks/NOTES.md).
+- With ``correction='cone'`` the CNN's correction P_theta(x) - x is kept only in the frequencies
+  that the dipole kernels of the orientations determine poorly (``ill_conditioned_part``): the
+  network fills the cone of the kernel's zeros and cannot undo what the data measured, but neither
+  can it remove the noise there; the shipped model was trained free (benchmarks/NOTES.md).
 - chi_0 is the closed-form L2 solution with a gradient penalty of all orientations together,
   sum_i D_i F f_i / (sum_i D_i^2 + lambda |F grad|^2) (the paper starts from 0), so the CNN
   only has to correct a good estimate. ``initial_estimate='zero'`` is the paper's start.
@@ -46,6 +50,11 @@ PAD_FACTOR = 1.5
 # constant is at most 4/9, so gradient descent is stable for steps below 4.5; 2 is a cautious start.
 INITIAL_STEP_SIZE = 2.0
 INITIAL_ESTIMATES = ('l2', 'l2_gcv', 'zero')
+# Where the proximal CNN's correction may act: every frequency ('free', the paper's), or only those
+# the dipole kernel determines poorly ('cone'), so that no training can change what was measured.
+CORRECTIONS = ('free', 'cone')
+# Kernel size below which a frequency counts as poorly determined: TKD's threshold.
+CONE_THRESHOLD = 0.19
 # Initial weight of the gradient penalty of the L2 starting estimate (|F grad|^2 in mm^-2), the
 # best of five on held-out patches; the weight is learned from there.
 INITIAL_L2_WEIGHT = 1e-2
@@ -85,14 +94,14 @@ class TorchDipoleOperator:
     ``voxel_sizes`` is (B, 3) and ``b0_dirs`` (B, N, 3) for B volumes of ``shape`` with N
     orientations each. ``forward`` maps susceptibility (B, 1, *shape) to fields (B, N, *shape);
     ``adjoint`` maps fields (B, N, *shape) back to (B, 1, *shape), summing the orientations.
-    The kernel is point-sampled (``voxel_averaged=False``): the one the shipped networks were
-    trained with.
+    The kernel is point-sampled by default (``voxel_averaged=False``): the one the shipped LP-CNN
+    and DeepSTI were trained with.
     """
 
-    def __init__(self, shape, voxel_sizes, b0_dirs, pad_factor=PAD_FACTOR, device=None):
+    def __init__(self, shape, voxel_sizes, b0_dirs, pad_factor=PAD_FACTOR, device=None, voxel_averaged=False):
         voxel_sizes = np.asarray(voxel_sizes, dtype=float).reshape(-1, 3)
         b0_dirs = np.asarray(b0_dirs, dtype=float).reshape((voxel_sizes.shape[0], -1, 3))
-        operators = [DipoleOperator(shape, voxel_size, directions, pad_factor=pad_factor, voxel_averaged=False)
+        operators = [DipoleOperator(shape, voxel_size, directions, pad_factor=pad_factor, voxel_averaged=voxel_averaged)
                      for voxel_size, directions in zip(voxel_sizes, b0_dirs)]
         self.shape, self.fft_shape = operators[0].shape, operators[0].fft_shape
         self.kernels = torch.from_numpy(np.stack([operator.kernel for operator in operators])).to(device)
@@ -107,6 +116,14 @@ class TorchDipoleOperator:
     def adjoint(self, fields):
         """Adjoint of ``forward``: the same convolutions, summed over the orientations."""
         return convolve(fields, self.kernels, self.shape, self.fft_shape).sum(dim=1, keepdim=True)
+
+    def ill_conditioned_part(self, volumes, threshold):
+        """The part of ``volumes`` (B, C, *shape) in the frequencies that the data determine poorly:
+        each frequency's share is 1 - min(1, c(k) / threshold) with c(k)^2 the mean of D_i(k)^2 over
+        the orientations, so it is 0 where every kernel is large and 1 on the cone where all vanish."""
+        conditioning = (self.kernels ** 2).mean(dim=1, keepdim=True).sqrt()
+        share = 1 - (conditioning / threshold).clamp(max=1)
+        return convolve(volumes, share, self.shape, self.fft_shape)
 
     def gcv_l2_weight(self, fields, weights):
         """Per volume, the L2 weight chosen by generalised cross-validation (Golub et al. 1979):
@@ -227,14 +244,19 @@ class LPCNN(nn.Module):
     """
 
     def __init__(self, iterations=3, channels=32, blocks=8, shared=True, initial_step_size=INITIAL_STEP_SIZE,
-                 pad_factor=PAD_FACTOR, initial_estimate='zero', initial_l2_weight=INITIAL_L2_WEIGHT):
+                 pad_factor=PAD_FACTOR, initial_estimate='zero', initial_l2_weight=INITIAL_L2_WEIGHT,
+                 correction='free'):
         super().__init__()
         if initial_estimate not in INITIAL_ESTIMATES:
             raise ValueError(f'initial_estimate {initial_estimate!r} is not one of {INITIAL_ESTIMATES}')
+        if correction not in CORRECTIONS:
+            raise ValueError(f'correction {correction!r} is not one of {CORRECTIONS}')
         self.config = {'iterations': iterations, 'channels': channels, 'blocks': blocks, 'shared': shared,
                        'initial_step_size': initial_step_size, 'pad_factor': pad_factor,
-                       'initial_estimate': initial_estimate, 'initial_l2_weight': initial_l2_weight}
+                       'initial_estimate': initial_estimate, 'initial_l2_weight': initial_l2_weight,
+                       'correction': correction}
         self.initial_estimate = initial_estimate
+        self.correction = correction
         self.iterations = iterations
         self.pad_factor = pad_factor
         networks = [ProximalCNN(channels, blocks)] if shared else [ProximalCNN(channels, blocks)
@@ -265,7 +287,11 @@ class LPCNN(nn.Module):
         for iteration in range(self.iterations):
             residual = operator.forward(chi) * mask - masked_fields
             gradient = operator.adjoint(residual) / operator.orientations
-            chi = mask * self._proximal(iteration, mask * (chi - self.step_size * gradient), mask, tile, bfloat16)
+            step = mask * (chi - self.step_size * gradient)
+            proximal = self._proximal(iteration, step, mask, tile, bfloat16)
+            if self.correction == 'cone':
+                proximal = step + operator.ill_conditioned_part(proximal - step, CONE_THRESHOLD)
+            chi = mask * proximal
         return chi
 
 

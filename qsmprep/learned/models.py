@@ -1,9 +1,9 @@
 """Trained models: where qsmprep ships them, how a model card's weights are checked and loaded.
 
 A model folder holds ``model.pt`` (the weights), ``model_card.json`` (how they were made: see
-``train`` and ``train_deepsti``) and ``checkpoint.pt`` (what ``qsmprep-train --resume`` continues
-from). The LP-CNN and DeepSTI that qsmprep uses are ``SHIPPED_LPCNN`` and ``SHIPPED_DEEPSTI``,
-inside the package, so nothing is downloaded at run time.
+``train``, ``train_lpn`` and ``train_deepsti``) and ``checkpoint.pt`` (what ``qsmprep-train
+--resume`` continues from). The LP-CNN, LPN and DeepSTI that qsmprep uses are the folders of
+``SHIPPED``, inside the package, so nothing is downloaded at run time.
 """
 import functools
 import hashlib
@@ -12,13 +12,16 @@ from pathlib import Path
 
 import torch
 
-from . import SHIPPED_DEEPSTI_CARD, SHIPPED_LPCNN_CARD
+from . import SHIPPED_DEEPSTI_CARD, SHIPPED_INVERSION_CARDS
 from .deepsti import DeepSTI, deepsti_invert
 from .lpcnn import LPCNN, NETWORK_UNITS_PER_PPM, lpcnn_invert
+from .lpn import LPN, lpn_invert
 
-CHECKPOINT_NAME, WEIGHTS_NAME, CARD_NAME = 'checkpoint.pt', 'model.pt', SHIPPED_LPCNN_CARD.name
-SHIPPED_LPCNN, SHIPPED_DEEPSTI = SHIPPED_LPCNN_CARD.parent, SHIPPED_DEEPSTI_CARD.parent
-ARCHITECTURES = {'lpcnn': LPCNN, 'deepsti': DeepSTI}
+CHECKPOINT_NAME, WEIGHTS_NAME, CARD_NAME = 'checkpoint.pt', 'model.pt', SHIPPED_DEEPSTI_CARD.name
+SHIPPED = {**{name: card.parent for name, card in SHIPPED_INVERSION_CARDS.items()},
+           'deepsti': SHIPPED_DEEPSTI_CARD.parent}
+ARCHITECTURES = {'lpcnn': LPCNN, 'lpn': LPN, 'deepsti': DeepSTI}
+MODEL_NAMES = {'lpcnn': 'LP-CNN', 'lpn': 'LPN', 'deepsti': 'DeepSTI'}
 
 
 def sha256_of(path):
@@ -38,7 +41,7 @@ def read_card(path):
 
 
 def load_model(path):
-    """The model (LP-CNN or DeepSTI) of a model card (its path or its folder), in eval mode on the CPU.
+    """The model (LP-CNN, LPN or DeepSTI) of a model card (its path or its folder), in eval mode on the CPU.
 
     The weights file must have the sha256 that the card records: a model is only used as it
     was trained and described.
@@ -57,37 +60,40 @@ def load_model(path):
     return model.eval()
 
 
-@functools.lru_cache(maxsize=1)
-def shipped_lpcnn():
-    """The LP-CNN shipped with qsmprep, checked against its card."""
-    return load_model(SHIPPED_LPCNN)
+@functools.lru_cache(maxsize=None)
+def shipped_model(name):
+    """The model shipped with qsmprep for the learned inversion ``name`` ('lpcnn' or 'lpn') or for
+    'deepsti', checked against its card."""
+    return load_model(SHIPPED[name])
 
 
-def shipped_lpcnn_description():
-    """Sidecar keys naming the shipped model: its card's training summary and weights' sha256."""
-    card, _ = read_card(SHIPPED_LPCNN)
-    return {'Model': 'LP-CNN', 'ModelTrainingSteps': card['steps'],
-            'ModelSha256': card['weights']['sha256'], 'ModelGeneratorVersion': card['generator']['version']}
+def shipped_description(name):
+    """Sidecar keys naming the shipped model ``name``: its card's training summary and weights' sha256."""
+    card, _ = read_card(SHIPPED[name])
+    description = {'Model': MODEL_NAMES[name], 'ModelTrainingSteps': card['steps'],
+                   'ModelSha256': card['weights']['sha256'], 'ModelGeneratorVersion': card['generator']['version']}
+    if 'chosen_step' in card['validation']:
+        description['ModelChosenStep'] = card['validation']['chosen_step']
+    return description
 
 
-def invert_with_shipped_lpcnn(local_fields_ppm, mask, voxel_size, b0_dirs, device=None):
-    """Susceptibility (ppm) from one or more orientations' local fields by the shipped LP-CNN,
-    and the sidecar keys that name the model (see ``lpcnn.lpcnn_invert`` for the arguments)."""
-    chi = lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, shipped_lpcnn(), device=device)
-    return chi, shipped_lpcnn_description()
-
-
-@functools.lru_cache(maxsize=1)
-def shipped_deepsti():
-    """The DeepSTI shipped with qsmprep, checked against its card."""
-    return load_model(SHIPPED_DEEPSTI)
+def invert_with_shipped(name, local_fields_ppm, mask, voxel_size, b0_dirs, device=None):
+    """Susceptibility (ppm) from one or more orientations' local fields by the shipped model of the
+    learned inversion ``name`` (see ``lpcnn.lpcnn_invert`` for the arguments), and the sidecar keys
+    that name the model; LPN's also give the iterations and step its card holds."""
+    description = shipped_description(name)
+    if name == 'lpcnn':
+        chi = lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, shipped_model(name), device=device)
+        return chi, description
+    inference = read_card(SHIPPED[name])[0]['inference']
+    chi = lpn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, shipped_model(name), inference['step_size'],
+                     inference['iterations'], device=device)
+    return chi, {**description, 'ProximalGradientIterations': inference['iterations'],
+                 'ProximalGradientStepSize': inference['step_size']}
 
 
 def tensor_with_shipped_deepsti(local_fields_ppm, mask, voxel_size, b0_dirs, device=None):
     """The susceptibility tensor (6, *shape) by the shipped DeepSTI from one or more orientations
     (see ``deepsti.deepsti_invert``), and the sidecar keys that name the model."""
-    tensor = deepsti_invert(local_fields_ppm, mask, voxel_size, b0_dirs, shipped_deepsti(), device=device)
-    card, _ = read_card(SHIPPED_DEEPSTI)
-    return tensor, {'Model': 'DeepSTI', 'ModelTrainingSteps': card['steps'],
-                    'ModelChosenStep': card['validation']['chosen_step'], 'ModelSha256': card['weights']['sha256'],
-                    'ModelGeneratorVersion': card['generator']['version']}
+    tensor = deepsti_invert(local_fields_ppm, mask, voxel_size, b0_dirs, shipped_model('deepsti'), device=device)
+    return tensor, shipped_description('deepsti')

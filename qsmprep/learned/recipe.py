@@ -53,7 +53,8 @@ def model_from_recipe(recipe):
     return LPCNN(iterations=recipe['iterations'], channels=recipe['channels'], blocks=recipe['blocks'],
                  shared=not recipe['separate_networks'], initial_step_size=recipe['initial_step_size'],
                  pad_factor=recipe['pad_factor'], initial_estimate=initial_estimate(recipe),
-                 initial_l2_weight=recipe.get('initial_l2_weight', INITIAL_L2_WEIGHT))
+                 initial_l2_weight=recipe.get('initial_l2_weight', INITIAL_L2_WEIGHT),
+                 correction=recipe.get('correction', 'free'))
 
 
 def restore_recipe(args, checkpoint):

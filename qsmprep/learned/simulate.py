@@ -162,17 +162,23 @@ def _measured_field(rng, fine_chi, fine_spacing, mask, b0_dir, background_rms_pp
     return np.where(mask, field, 0)
 
 
+def _random_phantom(rng, patch_size, config):
+    """A random voxel size, and a brain-like or random-shapes phantom drawn on the grid
+    ``config.supersampling`` times finer than a patch of ``patch_size`` voxels per side: (voxel
+    size, kind, fine chi, fine mask, fine white matter fraction or None)."""
+    voxel_size = rng.uniform(*config.voxel_size_range_mm, 3)
+    fine_shape = (patch_size * config.supersampling,) * 3
+    fine_spacing = voxel_size / config.supersampling
+    if rng.random() < config.brain_fraction:
+        return (voxel_size, 'brain') + phantoms.brain_like(rng, fine_shape, fine_spacing)
+    return (voxel_size, 'shapes') + phantoms.random_shapes(rng, fine_shape, fine_spacing) + (None,)
+
+
 def simulate_sample(rng, patch_size, orientations, config):
     """One ``TrainingSample`` of ``patch_size`` voxels per side with ``orientations`` fields."""
     s = config.supersampling
-    voxel_size = rng.uniform(*config.voxel_size_range_mm, 3)
-    fine_shape = (patch_size * s,) * 3
+    voxel_size, kind, fine_chi, fine_mask, fine_white_matter = _random_phantom(rng, patch_size, config)
     fine_spacing = voxel_size / s
-    kind = 'brain' if rng.random() < config.brain_fraction else 'shapes'
-    if kind == 'brain':
-        fine_chi, fine_mask, fine_white_matter = phantoms.brain_like(rng, fine_shape, fine_spacing)
-    else:
-        fine_chi, fine_mask = phantoms.random_shapes(rng, fine_shape, fine_spacing)
     chi, mask = _voxel_averaged_truth(fine_chi, fine_mask, s)
     b0_dirs = random_b0_directions(rng, orientations, config.max_tilt_deg)
     noise_std = rng.uniform(0, config.noise_max_ppm)
@@ -223,6 +229,32 @@ def simulate_batch(seed, step, batch_size, patch_size, config, stream=TRAINING_S
     rng = np.random.default_rng([seed, stream, step])
     orientations = int(rng.integers(1, config.max_orientations + 1))
     return [simulate_sample(rng, patch_size, orientations, config) for _ in range(batch_size)]
+
+
+# The susceptibility patches that LPN's denoiser trains on (``simulate_chi_batch``): LP-CNN's phantoms
+# without their fields.
+CHI_GENERATOR_VERSION = 'chi-1.0'
+
+
+@dataclasses.dataclass
+class SusceptibilitySample:
+    """One simulated susceptibility patch (voxel averages of a finer phantom) and its mask."""
+    chi_ppm: np.ndarray
+    mask: np.ndarray
+    voxel_size: np.ndarray
+    kind: str
+
+
+def simulate_chi_batch(seed, step, batch_size, patch_size, config, stream=TRAINING_STREAM):
+    """The batch of ``step``: ``batch_size`` ``SusceptibilitySample``s drawn as ``simulate_sample``
+    draws its phantoms, on its generator's settings."""
+    rng = np.random.default_rng([seed, stream, step])
+    samples = []
+    for _ in range(batch_size):
+        voxel_size, kind, fine_chi, fine_mask, _ = _random_phantom(rng, patch_size, config)
+        samples.append(SusceptibilitySample(*_voxel_averaged_truth(fine_chi, fine_mask, config.supersampling),
+                                            voxel_size, kind))
+    return samples
 
 
 # DeepSTI's samples (``simulate_tensor_batch``) have their own version: they are drawn differently.
