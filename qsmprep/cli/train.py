@@ -139,6 +139,17 @@ def _head_validated_run_arguments(model_parser, checkpoint_every, log_every, bat
     run.add_argument('--learning-rate', type=float, default=learning_rate, help='Adam learning rate')
 
 
+def _head_validated_recipe_arguments(model_group, heads_help):
+    """The recipe arguments that every training validated on whole heads shares (``learned.runs``)."""
+    model_group.add_argument('--gradient-clip', type=float, default=1.0,
+                             help='largest gradient norm of a step (0: none)')
+    model_group.add_argument('--seed', type=int, default=0,
+                             help='seeds the initial weights, the data and the validation')
+    model_group.add_argument('--validation-heads', type=positive_int, default=2, help=heads_help)
+    model_group.add_argument('--validation-head-voxel-size', type=float, default=2.0,
+                             help='voxel size in mm of the validation brains')
+
+
 def _add_deepsti_parser(models):
     deepsti = models.add_parser('deepsti', help='learned proximal network for the tensor (Fang et al. 2023)',
                                 description=train_deepsti.__doc__,
@@ -156,11 +167,7 @@ def _add_deepsti_parser(models):
                        help="initial value of the starting estimate's learned anisotropy penalty")
     model.add_argument('--anisotropy-loss-weight', type=float, default=10.0,
                        help='weight of the anisotropic part of the tensor in the loss, beside the mean')
-    model.add_argument('--gradient-clip', type=float, default=1.0, help='largest gradient norm of a step (0: none)')
-    model.add_argument('--seed', type=int, default=0, help='seeds the initial weights, the data and the validation')
-    model.add_argument('--validation-heads', type=positive_int, default=2, help='whole simulated brains scored')
-    model.add_argument('--validation-head-voxel-size', type=float, default=2.0,
-                       help='voxel size in mm of the validation brains')
+    _head_validated_recipe_arguments(model, heads_help='whole simulated brains scored')
     model.add_argument('--validation-orientations', type=positive_int, nargs='+', default=[1, 4, 6],
                        help='orientation counts each validation brain is scored with')
 
@@ -185,16 +192,12 @@ def _add_lpn_parser(models):
                        help='width of the proximal matching loss after the L1 steps (network units)')
     model.add_argument('--gamma-end', type=float, default=0.15, help='its width at the end of its schedule')
     model.add_argument('--gamma-steps', type=positive_int, default=4000, help='steps over which the width shrinks')
-    model.add_argument('--gradient-clip', type=float, default=1.0, help='largest gradient norm of a step (0: none)')
-    model.add_argument('--seed', type=int, default=0, help='seeds the initial weights, the data and the validation')
+    _head_validated_recipe_arguments(
+        model, heads_help='whole simulated brains (seeds SEED, SEED+1, ...), each with and without disturbance')
     model.add_argument('--validation-iterations', type=positive_int, nargs='+', default=[1, 2, 4, 8],
                        help='proximal gradient iteration counts of the inversion tried at each validation')
     model.add_argument('--validation-step-sizes', type=float, nargs='+', default=[1.0, 2.0, 4.0],
                        help='step sizes of the inversion tried at each validation; the best pair is kept')
-    model.add_argument('--validation-heads', type=positive_int, default=2,
-                       help='whole simulated brains (seeds SEED, SEED+1, ...), each with and without disturbance')
-    model.add_argument('--validation-head-voxel-size', type=float, default=2.0,
-                       help='voxel size in mm of the validation brains')
 
 
 def main(argv=None):

@@ -155,13 +155,14 @@ def proximal_matching_loss(estimate, truth, mask, gamma):
 
 
 def lpn_iterates(local_fields_ppm, mask, voxel_size, b0_dirs, model, step_size=DEFAULT_STEP_SIZE,
-                 iterations=DEFAULT_ITERATIONS, device=None, tile=DEFAULT_TILE):
-    """The susceptibility maps (ppm, 0 outside ``mask``) after each of ``iterations`` proximal gradient
-    iterations with the LPN ``model`` (module doc), yielded in turn; see ``lpn_invert`` for the rest."""
+                 counts=(DEFAULT_ITERATIONS,), device=None, tile=DEFAULT_TILE):
+    """(count, susceptibility in ppm, 0 outside ``mask``) after each iteration count of ``counts`` of
+    proximal gradient descent with the LPN ``model`` (module doc), yielded in turn from one run of
+    max(counts) iterations; see ``lpn_invert`` for the rest."""
     fields, mask, b0_dirs = checked_fields(local_fields_ppm, mask, b0_dirs)
     if not mask.any():
-        for _ in range(iterations):
-            yield np.zeros(mask.shape, dtype=np.float32)
+        for count in sorted(counts):
+            yield count, np.zeros(mask.shape, dtype=np.float32)
         return
     device = torch.device(device) if device is not None else default_device()
     box, fields_in, mask_in = network_inputs(fields, mask, voxel_size, device)
@@ -171,13 +172,14 @@ def lpn_iterates(local_fields_ppm, mask, voxel_size, b0_dirs, model, step_size=D
     with torch.no_grad():
         masked_fields = fields_in * mask_in
         estimate = mask_in * operator.l2_solution(masked_fields, operator.gcv_l2_weight(masked_fields, L2_LAMBDAS))
-        for _ in range(iterations):
+        for count in range(1, max(counts) + 1):
             gradient = operator.adjoint(operator.forward(estimate) * mask_in - masked_fields) / operator.orientations
             step = mask_in * (estimate - step_size * gradient)
             estimate = mask_in * apply_in_tiles(model, step, tile, model.gradient_radius)
-            chi = np.zeros(mask.shape, dtype=np.float32)
-            chi[box] = estimate[0, 0].cpu().numpy() / NETWORK_UNITS_PER_PPM
-            yield np.where(mask, chi, 0).astype(np.float32)
+            if count in counts:
+                chi = np.zeros(mask.shape, dtype=np.float32)
+                chi[box] = estimate[0, 0].cpu().numpy() / NETWORK_UNITS_PER_PPM
+                yield count, np.where(mask, chi, 0).astype(np.float32)
 
 
 def lpn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, step_size=DEFAULT_STEP_SIZE,
@@ -185,9 +187,8 @@ def lpn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, step_size=DEF
     """Susceptibility (ppm, 0 outside ``mask``) from one or more orientations' local fields (as
     ``lpcnn.lpcnn_invert`` takes them) by ``iterations`` of proximal gradient descent with the LPN
     ``model`` as the proximal step (module doc), on the mask's box with the voxel-averaged dipole kernel."""
-    chi = None
-    for chi in lpn_iterates(local_fields_ppm, mask, voxel_size, b0_dirs, model, step_size, iterations, device, tile):
-        pass
+    (_, chi), = lpn_iterates(local_fields_ppm, mask, voxel_size, b0_dirs, model, step_size, (iterations,), device,
+                             tile)
     return chi
 
 

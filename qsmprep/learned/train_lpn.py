@@ -72,12 +72,10 @@ def validate_heads(model, heads, step_sizes, iteration_counts, device):
     nrmse = {}
     for step_size in step_sizes:
         for _, _, head in heads:
-            iterates = lpn_iterates(list(head.local_fields_ppm), head.mask, head.voxel_size, head.b0_dirs, model,
-                                    step_size, max(iteration_counts), device)
-            for count, chi in enumerate(iterates, start=1):
-                if count in iteration_counts:
-                    nrmse.setdefault(f'{step_size:g} x {count}', []).append(
-                        float(metrics.nrmse(chi, head.chi_ppm, head.mask)))
+            for count, chi in lpn_iterates(list(head.local_fields_ppm), head.mask, head.voxel_size, head.b0_dirs,
+                                           model, step_size, iteration_counts, device):
+                nrmse.setdefault(f'{step_size:g} x {count}', []).append(
+                    float(metrics.nrmse(chi, head.chi_ppm, head.mask)))
     chosen = min(nrmse, key=lambda key: np.mean(nrmse[key]))
     step_size, count = chosen.split(' x ')
     model.train()
