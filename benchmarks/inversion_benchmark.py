@@ -95,7 +95,20 @@ def published_result(data_dir, name, offset, shape):
     return volume
 
 
+# The QSMnet-style baseline of ``qsmprep-train qsmnet``: a benchmark row, not one of qsmprep's inversions.
+QSMNET_MODEL = Path(__file__).resolve().parent / 'models' / 'qsmnet'
+
+
 def _invert(method, data, device):
+    if method == 'qsmnet':
+        import torch
+        from qsmprep.learned.models import load_model, read_card
+        from qsmprep.learned.qsmnet import qsmnet_invert
+        torch.set_num_threads(2)
+        fields = data.get('local_fields', [data['local_field']])
+        b0_dirs = data.get('b0_dirs', [data['b0_dir']])
+        chi = qsmnet_invert(fields, data['mask'], data['voxel_size'], b0_dirs, load_model(QSMNET_MODEL), device=device)
+        return chi, {'Model': 'QSMnet', 'ModelTrainingSteps': read_card(QSMNET_MODEL)[0]['steps']}
     if method in ('lpcnn', 'lpn'):
         import torch
         from qsmprep.learned.models import invert_with_shipped

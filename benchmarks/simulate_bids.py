@@ -331,6 +331,62 @@ def simulate_dataset(bids_dir, voxel_size_mm=2.0, tilts_deg=(0.0,), labels=None,
     return labels
 
 
+# Three heads of different sizes, shapes and tilts: the group level's test and screenshot cohort.
+COHORT_HEADS = ({'seed': 0}, {'seed': 1, 'scale': (1.06, 0.95, 1.0), 'tilt': 12.0},
+                {'seed': 2, 'scale': (0.94, 1.0, 1.05), 'tilt': -10.0})
+
+
+def simulate_cohort(bids_dir, voxel_size_mm=2.0, heads=COHORT_HEADS, peak_snr=100.0):
+    """A BIDS dataset with one subject per entry of ``heads`` (``head_phantom``'s ``seed`` and
+    ``scale``, and ``tilt`` in degrees): heads of several sizes and shapes; returns the labels."""
+    write_dataset_description(bids_dir)
+    labels = []
+    for index, head in enumerate(heads, start=1):
+        phantom, affine = head_phantom(voxel_size_mm, seed=head['seed'], scale=head.get('scale', (1.0, 1.0, 1.0)))
+        affine = tilted_affine(affine, head.get('tilt', 0.0))
+        megre = simulate_megre(phantom, affine, peak_snr=peak_snr, seed=head['seed'])
+        labels.append(f'{index:02d}')
+        write_subject(bids_dir, labels[-1], phantom, affine, megre)
+    return labels
+
+
+# The template that nilearn ships (ICBM 2009a nonlinear symmetric), as TemplateFlow names it, and
+# an atlas of the phantom's deep grey matter nuclei on it: what the group level's tests use.
+TEST_TEMPLATE, TEST_ATLAS = 'MNI152NLin2009aSym', 'qsmprepNuclei'
+
+
+def nucleus_names():
+    """Atlas label -> name of each nucleus of ``NUCLEI``, right (MNI x > 0) then left."""
+    return {2 * index + side + 1: f'{name}_{"right" if side == 0 else "left"}'
+            for index, (name, *_) in enumerate(NUCLEI) for side in range(2)}
+
+
+def write_templateflow_home(home):
+    """A TemplateFlow cache in ``home`` with ``TEST_TEMPLATE``'s T1w and brain mask at 2 mm and the
+    atlas ``TEST_ATLAS`` of the phantom's nuclei at 1 mm, with its label table."""
+    folder = Path(home) / f'tpl-{TEST_TEMPLATE}'
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f'tpl-{TEST_TEMPLATE}'
+    images = {key: nib.load(MNI_DATA / name) for key, name in MNI_FILES.items()}
+    affine = images['t1'].affine
+    t1 = images['t1'].get_fdata(dtype=np.float32)
+    brain = ndimage.binary_fill_holes((images['gm'].get_fdata() + images['wm'].get_fdata()) / 255.0 > 0.5)
+    half = affine.copy()
+    half[:3, :3] *= 2
+    _save(ndimage.zoom(t1, 0.5, order=1), half, f'{stem}_res-02_T1w.nii.gz')
+    _save(ndimage.zoom(brain.astype(np.float32), 0.5, order=1) > 0.5, half, f'{stem}_res-02_desc-brain_mask.nii.gz')
+    world = _world_grid(t1.shape, affine)
+    atlas = np.zeros(t1.shape, dtype=np.int16)
+    for index, (_, centre, radii, _, _) in enumerate(NUCLEI):
+        for side, side_centre in enumerate(_mirrored(centre)):
+            atlas[_ellipsoid(world, side_centre, radii)] = 2 * index + side + 1
+    _save(atlas, affine, f'{stem}_res-01_atlas-{TEST_ATLAS}_dseg.nii.gz')
+    Path(f'{stem}_res-01_atlas-{TEST_ATLAS}_dseg.tsv').write_text(
+        'index\tname\n' + ''.join(f'{label}\t{name}\n' for label, name in nucleus_names().items()))
+    _write_json(folder / 'template_description.json', {'Name': 'ICBM 2009a Nonlinear Symmetric (nilearn copy)',
+                                                         'Identifier': TEST_TEMPLATE})
+
+
 def _turn(degrees, axis):
     angle = np.deg2rad(degrees)
     i, j = [a for a in range(3) if a != axis]

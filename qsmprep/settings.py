@@ -36,6 +36,8 @@ class Settings:
     omp_nthreads: int = 1  # resolved: threads of one process
     resource_monitor: bool = False
     verbose: int = 0
+    template: str = 'MNI152NLin2009cAsym'  # the group level's TemplateFlow template
+    atlas: str = 'MASSP20'  # and its atlas of deep grey matter
 
     @classmethod
     def from_arguments(cls, arguments):

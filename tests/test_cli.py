@@ -1,5 +1,6 @@
 """The real ``qsmprep`` command line on a small simulated BIDS dataset."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ def participant_run(bids_dataset, tmp_path_factory, run_qsmprep):
     output_dir, work_dir = root / 'out', root / 'work'
     result = run_qsmprep(bids_dataset, output_dir, 'participant', '-w', work_dir, '--nprocs', '2')
     assert result.returncode == 0, result.stderr
+    (root / 'stdout.txt').write_text(result.stdout)  # the run's terminal lines, for the progress test
     return output_dir, work_dir
 
 
@@ -90,6 +92,53 @@ def test_workflows_go_by_level_subject_series_stage(participant_run):
         assert (series_wf / stage / node / f'result_{node}.pklz').is_file(), stage
 
 
+def test_progress_is_one_line_per_stage_without_nipype_chatter(participant_run):
+    output_dir, _ = participant_run
+    lines = (output_dir.parent / 'stdout.txt').read_text().splitlines()
+    for stage in ('brain mask', 'phase unwrapping', 'background field removal', 'dipole inversion'):
+        for label in ('01', '02'):
+            assert sum(f'] sub-{label}: {stage} done in ' in line for line in lines) == 1, (stage, label)
+    assert not any('nipype' in line for line in lines)
+    assert lines[-1].startswith('qsmprep: 2 of 2 series done')
+
+
+def test_report_shows_the_maps_metrics_methods_and_software(participant_run):
+    output_dir, _ = participant_run
+    report = (output_dir / 'sub-01.html').read_text()
+    for heading in ('Summary', 'Brain mask and local-field mask', 'Susceptibility (Chimap)', 'chi+', 'R2*',
+                    'Total field, local field and field noise', 'Methods', 'Warnings and errors', 'Software'):
+        assert heading in report, heading
+    figures = sorted((output_dir / 'sub-01' / 'figures').glob('*.png'))
+    assert [f.name.split('desc-')[1] for f in figures] == [f'{name}_MEGRE.png' for name in
+                                                          ('chimap', 'chisep', 'fields', 'masks', 'r2star')]
+    for figure in figures:
+        assert f'src="./sub-01/figures/{figure.name}"' in report
+    # Self-contained: nothing is fetched from the network.
+    assert 'src="http' not in report and 'href="http' not in report
+    # The methods that ran, with their references; the numbers of the summary.
+    assert 'Dymerska' in report and 'Wu B' in report and 'Milovic' in report and 'Shin HG' in report
+    assert 'Brain mask volume (mL)' in report and 'Inversion weight' in report
+    assert '>qsmprep<' in report and '>nireports<' in report
+    assert 'sub-*/figures\n' in (output_dir / '.bidsignore').read_text()
+
+
+def test_report_opens_in_a_browser_with_every_image(participant_run, tmp_path):
+    from benchmarks import browser
+
+    if browser.chromium_paths() is None:
+        if os.environ.get('CI'):
+            pytest.fail('CI must install chromium and chromium-driver (.ci/run does)')
+        pytest.skip('no chromium and chromedriver here; `apt-get install chromium chromium-driver`')
+    output_dir, _ = participant_run
+    page = browser.open_page(output_dir / 'sub-02.html', screenshot=tmp_path / 'report.png')
+    assert page['title'] == 'qsmprep report of sub-02'
+    assert len(page['images']) == 5
+    for loaded, width, height, source in page['images']:
+        assert loaded and width > 100 and height > 100, source
+    assert not [entry for entry in page['console'] if entry['level'] == 'SEVERE']
+    assert (tmp_path / 'report.png').stat().st_size > 50_000
+
+
 def test_missing_echo_time_stops_with_a_message_and_writes_no_map(bids_dataset, tmp_path, run_qsmprep):
     broken = tmp_path / 'bids'
     shutil.copytree(bids_dataset, broken)
@@ -117,9 +166,9 @@ def test_unknown_participant_is_named(bids_dataset, tmp_path, run_qsmprep):
     assert result.returncode == 1 and '99' in result.stderr and 'Traceback' not in result.stderr
 
 
-def test_group_level_is_not_implemented_yet(bids_dataset, tmp_path, run_qsmprep):
+def test_group_level_needs_a_qsmprep_output_folder(bids_dataset, tmp_path, run_qsmprep):
     result = run_qsmprep(bids_dataset, tmp_path / 'out', 'group')
-    assert result.returncode == 2 and 'not implemented yet' in result.stderr
+    assert result.returncode == 1 and 'not a qsmprep output folder' in result.stderr
 
 
 def test_version(run_qsmprep):

@@ -2,7 +2,8 @@
 
 science (arrays in, arrays out) < learned (torch models on science's physics) < methods (the
 registry of inversions) < settings (of a run) < files, nifti, bids (files) < interfaces (Nipype nodes) <
-workflows < cli. No module imports another module's private names.
+workflows < reports (HTML pages) < group (the group level) < cli. No module imports another module's private
+names.
 """
 import ast
 from pathlib import Path
@@ -22,7 +23,10 @@ ALLOWED = {
     'bids': {'science', 'nifti', 'bids'},
     'interfaces': {'science', 'learned', 'methods', 'settings', 'files', 'nifti', 'bids', 'interfaces'},
     'workflows': {'science', 'learned', 'methods', 'settings', 'files', 'nifti', 'bids', 'interfaces', 'workflows'},
-    'cli': {'science', 'learned', 'methods', 'settings', 'files', 'nifti', 'bids', 'interfaces', 'workflows', 'cli'},
+    'reports': {'science', 'methods', 'files', 'nifti', 'bids', 'interfaces', 'reports'},
+    'group': {'science', 'files', 'reports', 'group'},
+    'cli': {'science', 'learned', 'methods', 'settings', 'files', 'nifti', 'bids', 'interfaces', 'workflows',
+            'reports', 'group', 'cli'},
 }
 # Third-party frameworks that belong to one layer and above.
 FRAMEWORKS = {'nipype': {'interfaces', 'workflows', 'cli'}}

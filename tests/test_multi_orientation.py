@@ -2,6 +2,7 @@
 --multi-orientation --sti ls: each run registered onto the first, combined by COSMOS and
 least-squares STI on its grid; then LP-CNN and DeepSTI on the same registered fields."""
 import json
+import re
 import shutil
 
 import nibabel as nib
@@ -84,6 +85,15 @@ def test_tensor_maps_are_written_with_their_sidecars(multi_orientation_run):
     mask = image(anat / 'sub-01_desc-brain_mask.nii.gz') > 0
     mms, cosmos = image(anat / 'sub-01_desc-mms_Chimap.nii.gz'), image(anat / 'sub-01_desc-cosmos_Chimap.nii.gz')
     assert np.corrcoef(mms[mask], cosmos[mask])[0, 1] > 0.7
+
+
+def test_report_shows_registration_cosmos_and_the_principal_eigenvector(simulated_run):
+    report = (simulated_run / 'out' / 'sub-01.html').read_text()
+    assert 'Orientations' in report and 'COSMOS [cosmos]' in report
+    for name in ('registration', 'cosmos', 'pev'):
+        assert (simulated_run / 'out' / 'sub-01' / 'figures' / f'sub-01_desc-{name}_MEGRE.png').is_file()
+        assert f'sub-01_desc-{name}_MEGRE.png' in report
+    assert len(re.findall(r'src="[^"]*_desc-chimap_MEGRE.png"', report)) == 4  # one Chimap per run
 
 
 def rerun_with(simulated_run, run_qsmprep, tmp_path, *options):

@@ -95,4 +95,11 @@ def build_parser():
     resources.add_argument('--resource-monitor', action='store_true',
                            help="record each step's peak memory in the work directory (slows the run: "
                                 "a 1 mm head on 2 cores took 124 s with it, 89 s without)")
+    group = parser.add_argument_group('group level')
+    group.add_argument('--template', default='MNI152NLin2009cAsym',
+                       help='TemplateFlow template that the first-echo magnitudes are registered to (from '
+                            'TEMPLATEFLOW_HOME; nothing is downloaded)')
+    group.add_argument('--atlas', default='MASSP20',
+                       help="the template's atlas whose regions are measured (default: MASSP20, deep grey matter "
+                            'nuclei, Bazin et al. 2020)')
     return parser

@@ -14,6 +14,7 @@ from ..learned import missing_torch_message, shipped_voxel_size_range_mm
 from ..methods import INVERSIONS, LEARNED_INVERSIONS, STI_METHODS
 from ..settings import Settings
 from .parser import build_parser
+from .progress import StageProgress
 
 logger = logging.getLogger('qsmprep')
 
@@ -139,7 +140,9 @@ def write_dataset_description(output_dir, bids_dir):
         'DatasetLinks': {'raw': str(bids_dir)},
     }
     write_text_atomically(output_dir / 'dataset_description.json', json.dumps(description, indent=2) + '\n')
-    write_text_atomically(output_dir / '.bidsignore', BIDSIGNORE + 'logs/\n')
+    # The reports are fMRIPrep's shape: sub-<l>.html beside the subjects, figures inside them (the
+    # validator ignores a folder by its name without the trailing slash).
+    write_text_atomically(output_dir / '.bidsignore', BIDSIGNORE + 'logs/\n*.html\nsub-*/figures\n')
 
 
 def _configure_nipype(work_dir, verbosity, resource_monitor, log_file):
@@ -166,6 +169,11 @@ def _configure_nipype(work_dir, verbosity, resource_monitor, log_file):
     file_handler = logging.FileHandler(log_file, encoding='utf-8')
     file_handler.setFormatter(logging.Formatter('%(asctime)s %(name)s %(levelname)s: %(message)s'))
     nipype_logger.addHandler(file_handler)
+    if verbosity:
+        # Nipype's own messages reach the terminal only when asked for; the stage lines always do.
+        terminal_handler = logging.StreamHandler()
+        terminal_handler.setFormatter(logging.Formatter('%(asctime)s %(name)s %(levelname)s: %(message)s'))
+        nipype_logger.addHandler(terminal_handler)
     logger.addHandler(file_handler)
     # The process pool reports its broken futures when the run is stopped: to the log, not the terminal.
     logging.getLogger('concurrent.futures').addHandler(file_handler)
@@ -189,6 +197,29 @@ def _crashes(crash_dir, since, series_list):
     return crashes
 
 
+def _write_reports(settings, done_series, crashes, log_file, run_uuid):
+    """Write the HTML report of every subject with finished series; a report that fails is named by
+    its subject (the derivatives stay), the others are written."""
+    from ..reports.subject import write_subject_report
+
+    failures = {}
+    subjects = sorted({series.entities['subject'] for series in done_series})
+    for subject in subjects:
+        errors = [f'{name}: {line}' for name, lines in crashes.items() if name.startswith(f'sub-{subject}')
+                  for line in lines]
+        try:
+            path = write_subject_report(settings.output_dir, subject,
+                                        [series for series in done_series if series.entities['subject'] == subject],
+                                        settings.work_dir / 'reportlets', run_uuid, log_file, errors)
+        except Exception as error:  # the report must not hide the derivatives, which are complete
+            logger.exception('report of sub-%s', subject)
+            failures[f'sub-{subject} report'] = (f'the report of sub-{subject} could not be written ({error}); its '
+                                                 f'derivatives are complete. Details in {log_file}')
+        else:
+            print(f'qsmprep: report of sub-{subject}: {path}', flush=True)
+    return failures
+
+
 def main(argv=None):
     settings = Settings.from_arguments(build_parser().parse_args(argv))
     handler = logging.StreamHandler()
@@ -196,7 +227,7 @@ def main(argv=None):
     logger.addHandler(handler)
     logger.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(settings.verbose, 2)])
     if settings.analysis_level == 'group':
-        return _fail('the group level is not implemented yet; run the participant level.', code=2)
+        return _run_group(settings)
     _stop_on_signals()
     try:
         return _run_participants(settings)
@@ -206,6 +237,25 @@ def main(argv=None):
         print(f'qsmprep: stopped by {interruption}; no series was left half-written. A rerun with the same work '
               f'folder (-w {settings.work_dir}) resumes.', file=sys.stderr)
         return 128 + interruption.signal_number
+
+
+def _run_group(settings):
+    from ..group import GroupError, run_group
+
+    names = _generated_by_names(settings.output_dir)
+    if names is None or 'qsmprep' not in names:
+        return _fail(f'{settings.output_dir}: not a qsmprep output folder (no dataset_description.json of qsmprep); '
+                     'give the folder the participant level wrote.')
+    started = time.time()
+    try:
+        rows = run_group(settings.output_dir, settings.bids_dir, settings.participant_label, settings.session_label,
+                         settings.template, settings.atlas, settings.nprocs)
+    except GroupError as error:
+        return _fail(str(error))
+    folder = settings.output_dir / 'group'
+    print(f'qsmprep: group level: {len({row["series"] for row in rows})} series in {time.time() - started:.0f} s; '
+          f'{folder / "desc-regions_stats.tsv"}, page {folder / "regions.html"}')
+    return 0
 
 
 def _run_participants(settings):
@@ -266,6 +316,7 @@ def _run_participants(settings):
         logger.info('%s: %d echoes, %.1f T, B0 direction %s (from %s)', series.name, len(series.echo_times_s),
                     series.field_strength_t, [round(v, 3) for v in series.b0_dir], series.b0_dir_source)
     plugin, plugin_args = ('MultiProc', {'n_procs': settings.nprocs}) if settings.nprocs > 1 else ('Linear', {})
+    plugin_args['status_callback'] = StageProgress(series_list)
     started = time.time()
     # Nipype's resource monitor writes its logs into the current folder: keep them in the work
     # directory (every path handed to the workflow is absolute).
@@ -281,16 +332,22 @@ def _run_participants(settings):
     for name, lines in crashes.items():
         for line in lines:
             print(f'qsmprep: error: {name}: {line}', file=sys.stderr)
-    failed = sorted(set(errors) | set(crashes))
     done = [series.name for series in series_list if series.name not in crashes]
+    report_failures = _write_reports(settings, [series for series in series_list if series.name in done], crashes,
+                                     log_file, stem)
+    for line in report_failures.values():
+        print(f'qsmprep: error: {line}', file=sys.stderr)
+    failed = sorted(set(errors) | set(crashes))
     summary = (f'qsmprep: {len(done)} of {len(done) + len(failed)} series done in {time.time() - started:.0f} s; '
                f'derivatives in {settings.output_dir}; log: {log_file}')
     if failed:
         summary += f'\nqsmprep: failed, without derivatives: {", ".join(failed)}'
+    if report_failures:
+        summary += f'\nqsmprep: reports not written: {", ".join(report_failures)}'
     with open(log_file, 'a', encoding='utf-8') as log:
         log.write(summary + '\n')
-    print(summary, file=sys.stderr if failed else sys.stdout)
-    return 1 if failed else 0
+    print(summary, file=sys.stderr if failed or report_failures else sys.stdout)
+    return 1 if failed or report_failures else 0
 
 
 if __name__ == '__main__':

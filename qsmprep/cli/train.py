@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from ..learned import train as training
-from ..learned import train_deepsti, train_lpn
+from ..learned import train_deepsti, train_lpn, train_qsmnet
 from ..learned.deepsti import INITIAL_ANISOTROPY_WEIGHT, INITIAL_STEP_SIZE
 from ..learned.lpcnn import CORRECTIONS, INITIAL_ESTIMATES, INITIAL_L2_WEIGHT, PRECISIONS
 from ..learned.lpn import INITIAL_QUADRATIC_WEIGHT
@@ -124,6 +124,7 @@ def _build_parser():
                             help=f"zero padding of the simulator's dipole FFT grid (default: {defaults.pad_factor})")
     _add_deepsti_parser(models)
     _add_lpn_parser(models)
+    _add_qsmnet_parser(models)
     return parser
 
 
@@ -200,6 +201,20 @@ def _add_lpn_parser(models):
                        help='step sizes of the inversion tried at each validation; the best pair is kept')
 
 
+def _add_qsmnet_parser(models):
+    qsmnet = models.add_parser('qsmnet', help='QSMnet-style U-Net, direct inversion: the benchmarks\' baseline '
+                                              '(Yoon et al. 2018)', description=train_qsmnet.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    _head_validated_run_arguments(qsmnet, checkpoint_every=500, log_every=50, batch_size=4, patch_size=32,
+                                  learning_rate=1e-3)
+    model = qsmnet.add_argument_group('model and recipe (a resumed run keeps its checkpoint\'s)')
+    model.add_argument('--channels', type=positive_int, default=16, help='channels of the first U-Net level')
+    model.add_argument('--model-loss-weight', type=float, default=1.0,
+                       help='weight of the L1 field misfit (the model loss) beside the L1 error')
+    _head_validated_recipe_arguments(
+        model, heads_help='whole simulated brains (seeds SEED, SEED+1, ...), each with and without disturbance')
+
+
 def main(argv=None):
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -210,6 +225,11 @@ def main(argv=None):
         card = train_lpn.train_lpn(args)
         print(f'qsmprep-train: {card["steps"]} steps, weights of step {card["validation"]["chosen_step"]}, '
               f'inference step size {card["inference"]["step_size"]}, model card {args.out / CARD_NAME}')
+        return 0
+    if args.command == 'qsmnet':
+        card = train_qsmnet.train_qsmnet(args)
+        print(f'qsmprep-train: {card["steps"]} steps, weights of step {card["validation"]["chosen_step"]}, '
+              f'model card {args.out / CARD_NAME}')
         return 0
     if args.command == 'deepsti':
         card = train_deepsti.train_deepsti(args)

@@ -16,12 +16,13 @@ from . import SHIPPED_DEEPSTI_CARD, SHIPPED_INVERSION_CARDS
 from .deepsti import DeepSTI, deepsti_invert
 from .lpcnn import LPCNN, NETWORK_UNITS_PER_PPM, lpcnn_invert
 from .lpn import LPN, lpn_invert
+from .qsmnet import QSMnet
 
 CHECKPOINT_NAME, WEIGHTS_NAME, CARD_NAME = 'checkpoint.pt', 'model.pt', SHIPPED_DEEPSTI_CARD.name
 SHIPPED = {**{name: card.parent for name, card in SHIPPED_INVERSION_CARDS.items()},
            'deepsti': SHIPPED_DEEPSTI_CARD.parent}
-ARCHITECTURES = {'lpcnn': LPCNN, 'lpn': LPN, 'deepsti': DeepSTI}
-MODEL_NAMES = {'lpcnn': 'LP-CNN', 'lpn': 'LPN', 'deepsti': 'DeepSTI'}
+ARCHITECTURES = {'lpcnn': LPCNN, 'lpn': LPN, 'deepsti': DeepSTI, 'qsmnet': QSMnet}
+MODEL_NAMES = {'lpcnn': 'LP-CNN', 'lpn': 'LPN', 'deepsti': 'DeepSTI', 'qsmnet': 'QSMnet'}
 
 
 def sha256_of(path):

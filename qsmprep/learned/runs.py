@@ -12,7 +12,8 @@ from qsmprep import __version__
 
 from .lpcnn import NETWORK_UNITS_PER_PPM
 from .models import CARD_NAME, CHECKPOINT_NAME, WEIGHTS_NAME, sha256_of
-from .train import LOG_NAME, hardware_description, optimisation_step, save_atomically, stop_requests_on_signals
+from .train import (LOG_NAME, hardware_description, optimisation_step, save_atomically, step_progress,
+                    stop_requests_on_signals)
 
 # The arguments that say where, how long and how fast to run: not part of the recipe, each run sets its own.
 RUN_ARGUMENTS = ('command', 'out', 'steps', 'resume', 'device', 'workers', 'checkpoint_every', 'log_every',
@@ -99,7 +100,8 @@ class HeadValidatedRun:
         args = self.args
         self.validate = validate
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / LOG_NAME, 'a') as self.log, stop_requests_on_signals() as stop_requests:
+        with (open(self.out / LOG_NAME, 'a') as self.log, stop_requests_on_signals() as stop_requests,
+              step_progress(self.step, args.steps) as progress):
             if self.best is None:
                 self.validate_and_checkpoint()
             self.model.train()
@@ -110,7 +112,9 @@ class HeadValidatedRun:
                 if after_step is not None:
                     after_step()
                 self.step += 1
+                progress.update()
                 if self.step % args.log_every == 0:
+                    progress.set_postfix(loss=f'{loss.item():.3g}')
                     self.write_log({'step': self.step, 'loss': loss.item(), **log_entry(batch)})
                 if self.step % args.checkpoint_every == 0 and self.step < args.steps:
                     self.validate_and_checkpoint()

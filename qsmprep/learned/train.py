@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from qsmprep import __version__
 
@@ -98,6 +99,11 @@ def stop_requests_on_signals():
     finally:
         for number, handler in previous_handlers.items():
             signal.signal(number, handler)
+
+
+def step_progress(first_step, last_step):
+    """A progress bar over the training's steps on the terminal; none when stderr is not one (a batch job's log)."""
+    return tqdm(total=last_step, initial=first_step, unit='step', disable=None, dynamic_ncols=True)
 
 
 def optimisation_step(model, optimizer, loss, gradient_clip):
@@ -182,7 +188,7 @@ def train_lpcnn(args):
         write_log({'step': step, **scores})
         return scores, runs
 
-    with log, stop_requests_on_signals() as stop_requests:
+    with log, stop_requests_on_signals() as stop_requests, step_progress(step, args.steps) as progress:
         # Each run starts with a score on its own held-out data, new if its settings are.
         write_log({'step': step, **scores_now()})
         model.train()
@@ -194,7 +200,9 @@ def train_lpcnn(args):
             loss = masked_loss(estimate, chi, mask, recipe['loss'])
             optimisation_step(model, optimizer, loss, recipe['gradient_clip'])
             step += 1
+            progress.update()
             if step % args.log_every == 0:
+                progress.set_postfix(loss=f'{loss.item():.3g}')
                 entry = {'step': step, 'loss': loss.item(), 'orientations': int(fields.shape[1]),
                          'step_size': model.step_size.item()}
                 if model.initial_estimate == 'l2':

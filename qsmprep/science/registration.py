@@ -44,7 +44,7 @@ class RigidTransform:
         return float(np.degrees(np.arccos(np.clip((np.trace(self.rotation) - 1) / 2, -1.0, 1.0))))
 
 
-def _image(array, affine):
+def sitk_image(array, affine):
     """A SimpleITK image of ``array`` (nibabel order) placed by ``affine``."""
     import SimpleITK as sitk
 
@@ -73,7 +73,7 @@ def _itk_transform(transform):
     return itk
 
 
-def _world_points(mask, affine):
+def world_points(mask, affine):
     return (np.asarray(affine, dtype=float) @ np.c_[np.argwhere(mask), np.ones(int(np.count_nonzero(mask)))].T)[:3]
 
 
@@ -82,7 +82,7 @@ def principal_axes_transform(moving_mask, moving_affine, reference_mask, referen
     moving brain's: of the four turns that do, the smallest (a head turns less than 90 degrees)."""
     centres, axes = [], []
     for mask, affine in ((reference_mask, reference_affine), (moving_mask, moving_affine)):
-        points = _world_points(np.asarray(mask) > 0, affine)
+        points = world_points(np.asarray(mask) > 0, affine)
         centres.append(points.mean(axis=1))
         axes.append(np.linalg.eigh(np.cov(points))[1])
     candidates = [axes[1] @ np.diag(signs) @ axes[0].T for signs in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1))]
@@ -100,7 +100,7 @@ def register_rigid(moving, moving_affine, reference, reference_affine, reference
     mask is ``masking.brain_mask`` of ``moving`` unless given), else from the centres of mass."""
     import SimpleITK as sitk
 
-    fixed_image, moving_image = _image(reference, reference_affine), _image(moving, moving_affine)
+    fixed_image, moving_image = sitk_image(reference, reference_affine), sitk_image(moving, moving_affine)
     if reference_mask is not None and moving_mask is None:
         # From the centres of mass alone the search stopped 12-19 degrees short of 25-degree turns
         # (benchmarks/REGISTRATION.md).
@@ -108,7 +108,7 @@ def register_rigid(moving, moving_affine, reference, reference_affine, reference
     if reference_mask is not None:
         # Gradient descent from the centres alone stopped at 7 of 20 degrees of pitch.
         start = principal_axes_transform(moving_mask, moving_affine, reference_mask, reference_affine)
-        centre = _world_points(np.asarray(reference_mask) > 0, reference_affine).mean(axis=1)
+        centre = world_points(np.asarray(reference_mask) > 0, reference_affine).mean(axis=1)
         initial = sitk.Euler3DTransform()
         initial.SetCenter(centre.tolist())
         initial.SetMatrix(start.rotation.flatten().tolist())
@@ -125,7 +125,7 @@ def register_rigid(moving, moving_affine, reference, reference_affine, reference
     if reference_mask is not None:
         around = masking.dilated(np.asarray(reference_mask) > 0, MASK_DILATION_MM,
                                  voxel_size_from_affine(reference_affine))
-        method.SetMetricFixedMask(sitk.Cast(_image(around, reference_affine), sitk.sitkUInt8))
+        method.SetMetricFixedMask(sitk.Cast(sitk_image(around, reference_affine), sitk.sitkUInt8))
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=ITERATIONS,
                                                     relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
@@ -147,9 +147,10 @@ def resample(volume, volume_affine, reference_affine, reference_shape, transform
     neighbour with ``order=0`` for masks); 0 outside it."""
     import SimpleITK as sitk
 
-    reference = _image(np.zeros(reference_shape, np.float32), reference_affine)
+    reference = sitk_image(np.zeros(reference_shape, np.float32), reference_affine)
     interpolator = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
-    resampled = sitk.Resample(_image(volume, volume_affine), reference, _itk_transform(transform), interpolator, 0.0)
+    resampled = sitk.Resample(sitk_image(volume, volume_affine), reference, _itk_transform(transform), interpolator,
+                              0.0)
     return _array(resampled).astype(np.float32)
 
 
