@@ -16,7 +16,8 @@ from qsmprep.science import normalization
 
 HEADS = COHORT_HEADS
 # Nuclei of at least 60 voxels at 2 mm; the red nucleus, substantia nigra and dentate (10 to 40
-# voxels) are mostly edge, where a voxel more or less moves the mean by several ppb.
+# voxels) are mostly edge, where a voxel more or less moves the mean by tens of ppb, and TV
+# underestimates the globus pallidus' 0.15 ppm by 0.01 to 0.02 ppm even where the atlas is exact.
 LARGE_NUCLEI = ('caudate', 'putamen', 'thalamus')
 
 
@@ -59,7 +60,7 @@ def test_the_atlas_lands_within_a_voxel_of_where_the_simulation_put_it(group_run
         found = read_itk_transform(group_run / 'out' / 'group' / 'transforms' /
                                    f'sub-{label:02d}_from-MEGRE_to-{TEST_TEMPLATE}_mode-image_xfm.txt')
         errors = np.linalg.norm((found @ points - true_matrix(head) @ points)[:3], axis=0)
-        assert errors.max() < 2.0, (label, errors)
+        assert errors.max() < 1.5, (label, errors)
 
 
 def test_deep_grey_matter_means_agree_with_the_truth(group_run):
@@ -85,10 +86,7 @@ def test_deep_grey_matter_means_agree_with_the_truth(group_run):
             if row['participant_id'] == subject:
                 errors[subject, row['region']] = float(row['chi_mean']) - expected[row['region']]
     large = {key: error for key, error in errors.items() if key[1].rsplit('_', 1)[0] in LARGE_NUCLEI}
-    # The issue's 0.02 ppm holds for all but one (-0.021 ppm: sub-03's right putamen, where the
-    # registration is 1.4 mm off and TV's underestimate of the contrast adds to the partial volume).
-    assert max(abs(error) for error in large.values()) < 0.025, large
-    assert sum(abs(error) < 0.02 for error in large.values()) >= len(large) - 1, large
+    assert max(abs(error) for error in large.values()) < 0.02, large
     assert max(abs(error) for error in errors.values()) < 0.06, errors
     assert abs(np.median(list(errors.values()))) < 0.01
 

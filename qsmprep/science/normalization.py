@@ -1,9 +1,10 @@
 """Spatial normalisation to a template and regional statistics in native space.
 
-A subject's first-echo magnitude is registered to a template's T1-weighted image (SimpleITK:
-rigid, as ``registration.register_rigid``, then affine, both by Mattes mutual information, which
-needs no common contrast), and a labelled atlas of the template is brought back to the subject's
-grid by nearest neighbour: the statistics are taken on the unresampled maps.
+A subject's first-echo magnitude, corrected for the receive coil's bias by N4 (Tustison et al.
+2010), is registered to a template's T1-weighted image (SimpleITK: rigid, then affine, by Mattes
+mutual information, which needs no common contrast), and a labelled atlas of the template is
+brought back to the subject's grid by nearest neighbour: the statistics are taken on the
+unresampled maps.
 """
 import numpy as np
 from scipy import ndimage
@@ -12,6 +13,8 @@ from . import masking, registration
 from .physics import voxel_size_from_affine
 
 ITERATIONS = 200
+# N4 estimates the smooth bias on a grid of about this spacing (it varies over centimetres).
+BIAS_GRID_MM = 4.0
 # The metric looks at the template's brain and a margin of its surroundings (the skull's edge).
 TEMPLATE_MASK_DILATION_MM = 8.0
 
@@ -37,17 +40,33 @@ def _optimised(fixed, moving, initial, fixed_mask, num_threads):
     return sitk.CompositeTransform(method.Execute(fixed, moving)).GetNthTransform(0)
 
 
+def bias_field_corrected(magnitude, affine, head_mask):
+    """``magnitude`` divided by the bias field that N4 fits inside ``head_mask``, fitted on a coarser
+    grid (``BIAS_GRID_MM``) and evaluated on the full one."""
+    import SimpleITK as sitk
+
+    image = registration.sitk_image(magnitude, affine)
+    mask = sitk.Cast(registration.sitk_image(head_mask, affine), sitk.sitkUInt8)
+    shrink = [max(1, int(round(BIAS_GRID_MM / size))) for size in voxel_size_from_affine(affine)]
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations([50, 50, 30])
+    corrector.Execute(sitk.Shrink(image, shrink), sitk.Shrink(mask, shrink))
+    log_bias = registration.sitk_array(corrector.GetLogBiasFieldAsImage(image))
+    return np.where(head_mask, magnitude / np.exp(log_bias), 0).astype(np.float32)
+
+
 def register_to_template(moving, moving_affine, moving_mask, template, template_affine, template_mask, num_threads=1):
     """4x4 world matrix (RAS mm) mapping a template point to the subject point that matches it.
 
-    Both images are cut to their brain masks (the brain's outline is what a gradient-echo
-    magnitude and a T1-weighted template share best); the search starts with the brains' centres
-    matched and no turn (heads lie near the scanner's axes, as templates do), then optimises a
-    rigid and then an affine transform.
+    The magnitude is corrected for coil bias (``bias_field_corrected``) and the metric looks at the
+    template's brain and ``TEMPLATE_MASK_DILATION_MM`` around it; the search starts with the
+    brains' centres matched and no turn (heads lie near the scanner's axes, as templates do), then
+    optimises a rigid and then an affine transform.
     """
     import SimpleITK as sitk
 
     fixed = registration.sitk_image(np.where(template_mask, template, 0), template_affine)
+    moving = bias_field_corrected(moving, moving_affine, masking.head_foreground(moving))
     moving_image = registration.sitk_image(moving, moving_affine)
     around = masking.dilated(template_mask, TEMPLATE_MASK_DILATION_MM, voxel_size_from_affine(template_affine))
     fixed_mask = sitk.Cast(registration.sitk_image(around, template_affine), sitk.sitkUInt8)

@@ -58,7 +58,7 @@ def sitk_image(array, affine):
     return image
 
 
-def _array(image):
+def sitk_array(image):
     import SimpleITK as sitk
 
     return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
@@ -151,7 +151,7 @@ def resample(volume, volume_affine, reference_affine, reference_shape, transform
     interpolator = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
     resampled = sitk.Resample(sitk_image(volume, volume_affine), reference, _itk_transform(transform), interpolator,
                               0.0)
-    return _array(resampled).astype(np.float32)
+    return sitk_array(resampled).astype(np.float32)
 
 
 def b0_direction_in_reference(transform, reference_affine, b0_world=(0.0, 0.0, 1.0)):
