@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from .. import __version__
-from ..bids import series_name
+from ..bids import orientation_groups, series_name
 from ..files import read_itk_transform, temporary_path
 from ..interfaces.derivatives import derivative_path
 from ..methods import INVERSIONS
@@ -129,7 +129,7 @@ def _table(rows):
 
 
 def _series_reportlets(output_dir, series, figures_dir):
-    """Figures and summary table of one series; returns its Chimap sidecar."""
+    """Figures and summary table of one series; returns its Chimap sidecar and whether it has chi+ and chi-."""
     path = _series_paths(output_dir, series)
     endings = {'chimap': 'Chimap', 'r2star': 'R2starmap', 'brain_mask': 'desc-brain_mask',
                'localfield_mask': 'desc-localfield_mask', 'total_field': 'desc-total_fieldmap',
@@ -170,18 +170,20 @@ def _series_reportlets(output_dir, series, figures_dir):
                      'label': 'field noise (ppm)', 'cmap': 'viridis'})
     figures.mosaic(rows, f'{prefix}_desc-fields_MEGRE.png', brain, voxel_size)
     Path(f'{prefix}_desc-summary_MEGRE.html').write_text(_table(series_metrics(maps, sidecar, voxel_size)))
-    return sidecar
+    return sidecar, 'chi_plus' in maps
 
 
-def _orientation_reportlets(output_dir, head_entities, runs, figures_dir):
-    """Registration overlays, COSMOS and, when written, the principal eigenvector of one head."""
+def _orientation_reportlets(output_dir, runs, figures_dir):
+    """Registration overlays, COSMOS and, when written, the principal eigenvector of one head whose
+    ``runs`` (reference first) were combined; returns whether they were (a COSMOS map exists)."""
+    head_entities = {key: value for key, value in runs[0].entities.items() if key != 'run'}
     prefix = series_name(head_entities)
 
     def path(ending):
         return derivative_path(output_dir, prefix, head_entities['subject'], head_entities.get('session'), ending)
 
     if not path('desc-cosmos_Chimap').exists():
-        return
+        return False
     reference_image = nib.load(runs[0].magnitude_files[0])
     reference = np.asanyarray(reference_image.dataobj).astype(np.float32)
     mask, voxel_size = _canonical(path('desc-brain_mask'))
@@ -218,6 +220,7 @@ def _orientation_reportlets(output_dir, head_entities, runs, figures_dir):
         msa, _ = _canonical(path('desc-msa_Chimap'))
         figures.colour_mosaic(figures.direction_colours(vectors, np.abs(msa), mask),
                               figures_dir / f'{prefix}_desc-pev_MEGRE.png', mask, voxel_size)
+    return True
 
 
 def _software_versions():
@@ -266,8 +269,7 @@ def methods_paragraph(sidecar, series_count, chi_separation=False, orientations=
     return f'<p>{html.escape(text)}</p><ul class="references">{items}</ul>'
 
 
-def _subject_reportlets(subject, figures_dir, sidecars, orientations, warnings, errors):
-    chi_separation = any(figures_dir.glob('*_desc-chisep_MEGRE.png'))
+def _subject_reportlets(subject, figures_dir, sidecars, chi_separation, orientations, warnings, errors):
     (figures_dir / f'sub-{subject}_desc-methods_MEGRE.html').write_text(
         methods_paragraph(sidecars[0], len(sidecars), chi_separation, orientations)
         + '<p class="note">qsmprep writes this text from what ran; copy it into a manuscript and keep the '
@@ -296,18 +298,11 @@ def write_subject_report(output_dir, subject, series_list, reportlets_dir, run_u
     figures_dir.mkdir(parents=True, exist_ok=True)
     for stale in figures_dir.iterdir():
         stale.unlink()
-    sidecars = [_series_reportlets(output_dir, series, figures_dir) for series in series_list]
-    heads = {}
-    for series in series_list:
-        if 'run' in series.entities:
-            head = tuple((key, value) for key, value in series.entities.items() if key != 'run')
-            heads.setdefault(head, []).append(series)
-    for head, runs in heads.items():
-        if len(runs) > 1:
-            _orientation_reportlets(output_dir, dict(head), runs, figures_dir)
-    orientations = any((figures_dir / name).exists() for name in
-                       [f'{series_name(dict(head))}_desc-cosmos_MEGRE.png' for head in heads])
-    _subject_reportlets(subject, figures_dir, sidecars, orientations, subject_warnings(log_file, subject), errors)
+    sidecars, chi_separation = zip(*[_series_reportlets(output_dir, series, figures_dir) for series in series_list])
+    combined = [_orientation_reportlets(output_dir, runs, figures_dir)
+                for runs in orientation_groups(series_list) if len(runs) > 1]
+    _subject_reportlets(subject, figures_dir, sidecars, any(chi_separation), any(combined),
+                        subject_warnings(log_file, subject), errors)
     target = Path(output_dir) / f'sub-{subject}.html'
     # Written beside its final name and renamed: a reader never sees half a report.
     temporary = temporary_path(target)
