@@ -39,6 +39,16 @@ def test_methods_cite_what_ran_and_only_that():
     assert 'Shin HG' in both and 'COSMOS' in both
 
 
+def test_warnings_of_a_subject_are_not_those_of_a_longer_label(tmp_path):
+    log = tmp_path / 'run.log'
+    log.write_text('t qsmprep WARNING: brain mask of /d/sub-1/anat/sub-1_echo-1_part-mag_MEGRE.nii.gz: small\n'
+                   't qsmprep WARNING: brain mask of /d/sub-10/anat/sub-10_echo-1_part-mag_MEGRE.nii.gz: small\n'
+                   't qsmprep INFO: sub-1 ran\n')
+    assert [line.split('/d/')[1][:6] for line in subject.subject_warnings(log, '1')] == ['sub-1/']
+    assert len(subject.subject_warnings(log, '10')) == 1
+    assert subject.mentions_subject('sub-1 (orientations)', '1') and not subject.mentions_subject('sub-10_run-1', '1')
+
+
 def test_principal_directions_are_coloured_by_axis():
     vectors = np.zeros((3, 4, 4, 4))
     vectors[0, :2], vectors[1, 2:] = 1, -1  # left-right in one half, front-back (negative) in the other

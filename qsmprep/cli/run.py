@@ -200,12 +200,12 @@ def _crashes(crash_dir, since, series_list):
 def _write_reports(settings, done_series, crashes, log_file, run_uuid):
     """Write the HTML report of every subject with finished series; a report that fails is named by
     its subject (the derivatives stay), the others are written."""
-    from ..reports.subject import write_subject_report
+    from ..reports.subject import mentions_subject, write_subject_report
 
     failures = {}
     subjects = sorted({series.entities['subject'] for series in done_series})
     for subject in subjects:
-        errors = [f'{name}: {line}' for name, lines in crashes.items() if name.startswith(f'sub-{subject}')
+        errors = [f'{name}: {line}' for name, lines in crashes.items() if mentions_subject(name, subject)
                   for line in lines]
         try:
             path = write_subject_report(settings.output_dir, subject,

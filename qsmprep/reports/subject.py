@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -281,12 +282,17 @@ def _subject_reportlets(subject, figures_dir, sidecars, chi_separation, orientat
     (figures_dir / f'sub-{subject}_desc-about_MEGRE.html').write_text(_table(_software_versions()))
 
 
+def mentions_subject(text, subject):
+    """Whether ``text`` names ``sub-<subject>`` (and not a longer label that starts with it: sub-1 is not sub-10)."""
+    return re.search(rf'sub-{re.escape(subject)}(?![A-Za-z0-9])', text) is not None
+
+
 def subject_warnings(log_file, subject):
     """The WARNING and ERROR lines of a run's log that concern ``subject`` (its files are named in them)."""
     if log_file is None or not Path(log_file).exists():
         return []
     return [line.strip() for line in Path(log_file).read_text(errors='replace').splitlines()
-            if (' WARNING: ' in line or ' ERROR: ' in line) and f'sub-{subject}' in line]
+            if (' WARNING: ' in line or ' ERROR: ' in line) and mentions_subject(line, subject)]
 
 
 def write_subject_report(output_dir, subject, series_list, reportlets_dir, run_uuid, log_file=None, errors=()):
