@@ -128,9 +128,15 @@ def _build_parser():
     return parser
 
 
-def _head_validated_run_arguments(model_parser, checkpoint_every, log_every, batch_size, patch_size, learning_rate):
-    """The run arguments of a training whose weights are chosen on whole heads (``learned.runs``),
-    with this model's defaults."""
+HEADS_HELP = 'whole simulated brains (seeds SEED, SEED+1, ...), each with and without disturbance'
+
+
+def _head_validated_parser(models, name, help, module, checkpoint_every, log_every, batch_size, patch_size,
+                           learning_rate):
+    """The subcommand ``name`` of a training whose weights are chosen on whole heads (``learned.runs``):
+    its run arguments with this model's defaults; returns the group for its model and recipe."""
+    model_parser = models.add_parser(name, help=help, description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     run = _run_arguments(model_parser)
     run.add_argument('--checkpoint-every', type=positive_int, default=checkpoint_every,
                      help='steps between validations on whole heads and checkpoints')
@@ -138,9 +144,10 @@ def _head_validated_run_arguments(model_parser, checkpoint_every, log_every, bat
     run.add_argument('--batch-size', type=positive_int, default=batch_size, help='patches per step')
     run.add_argument('--patch-size', type=positive_int, default=patch_size, help='patch edge in voxels')
     run.add_argument('--learning-rate', type=float, default=learning_rate, help='Adam learning rate')
+    return model_parser.add_argument_group('model and recipe (a resumed run keeps its checkpoint\'s)')
 
 
-def _head_validated_recipe_arguments(model_group, heads_help):
+def _head_validated_recipe_arguments(model_group, heads_help=HEADS_HELP):
     """The recipe arguments that every training validated on whole heads shares (``learned.runs``)."""
     model_group.add_argument('--gradient-clip', type=float, default=1.0,
                              help='largest gradient norm of a step (0: none)')
@@ -152,12 +159,9 @@ def _head_validated_recipe_arguments(model_group, heads_help):
 
 
 def _add_deepsti_parser(models):
-    deepsti = models.add_parser('deepsti', help='learned proximal network for the tensor (Fang et al. 2023)',
-                                description=train_deepsti.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    _head_validated_run_arguments(deepsti, checkpoint_every=250, log_every=25, batch_size=2, patch_size=32,
-                                  learning_rate=5e-4)
-    model = deepsti.add_argument_group('model and recipe (a resumed run keeps its checkpoint\'s)')
+    model = _head_validated_parser(models, 'deepsti', 'learned proximal network for the tensor (Fang et al. 2023)',
+                                   train_deepsti, checkpoint_every=250, log_every=25, batch_size=2, patch_size=32,
+                                   learning_rate=5e-4)
     model.add_argument('--iterations', type=positive_int, default=3, help='unrolled gradient steps')
     model.add_argument('--channels', type=positive_int, default=16, help='channels of the proximal CNN')
     model.add_argument('--blocks', type=positive_int, default=4, help='residual blocks of the proximal CNN')
@@ -174,12 +178,9 @@ def _add_deepsti_parser(models):
 
 
 def _add_lpn_parser(models):
-    lpn = models.add_parser('lpn', help='learned proximal network, a denoiser that is exactly a proximal operator '
-                                        '(Fang et al. 2024)', description=train_lpn.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    _head_validated_run_arguments(lpn, checkpoint_every=500, log_every=50, batch_size=4, patch_size=32,
-                                  learning_rate=3e-3)
-    model = lpn.add_argument_group('model and recipe (a resumed run keeps its checkpoint\'s)')
+    model = _head_validated_parser(
+        models, 'lpn', 'learned proximal network, a denoiser that is exactly a proximal operator (Fang et al. 2024)',
+        train_lpn, checkpoint_every=500, log_every=50, batch_size=4, patch_size=32, learning_rate=3e-3)
     model.add_argument('--channels', type=positive_int, default=16, help='channels of the input-convex CNN')
     model.add_argument('--layers', type=positive_int, default=4, help='layers of the input-convex CNN')
     model.add_argument('--initial-quadratic-weight', type=float, default=INITIAL_QUADRATIC_WEIGHT,
@@ -193,8 +194,7 @@ def _add_lpn_parser(models):
                        help='width of the proximal matching loss after the L1 steps (network units)')
     model.add_argument('--gamma-end', type=float, default=0.15, help='its width at the end of its schedule')
     model.add_argument('--gamma-steps', type=positive_int, default=4000, help='steps over which the width shrinks')
-    _head_validated_recipe_arguments(
-        model, heads_help='whole simulated brains (seeds SEED, SEED+1, ...), each with and without disturbance')
+    _head_validated_recipe_arguments(model)
     model.add_argument('--validation-iterations', type=positive_int, nargs='+', default=[1, 2, 4, 8],
                        help='proximal gradient iteration counts of the inversion tried at each validation')
     model.add_argument('--validation-step-sizes', type=float, nargs='+', default=[1.0, 2.0, 4.0],
@@ -202,17 +202,13 @@ def _add_lpn_parser(models):
 
 
 def _add_qsmnet_parser(models):
-    qsmnet = models.add_parser('qsmnet', help='QSMnet-style U-Net, direct inversion: the benchmarks\' baseline '
-                                              '(Yoon et al. 2018)', description=train_qsmnet.__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    _head_validated_run_arguments(qsmnet, checkpoint_every=500, log_every=50, batch_size=4, patch_size=32,
-                                  learning_rate=1e-3)
-    model = qsmnet.add_argument_group('model and recipe (a resumed run keeps its checkpoint\'s)')
+    model = _head_validated_parser(
+        models, 'qsmnet', "QSMnet-style U-Net, direct inversion: the benchmarks' baseline (Yoon et al. 2018)",
+        train_qsmnet, checkpoint_every=500, log_every=50, batch_size=4, patch_size=32, learning_rate=1e-3)
     model.add_argument('--channels', type=positive_int, default=16, help='channels of the first U-Net level')
     model.add_argument('--model-loss-weight', type=float, default=1.0,
                        help='weight of the L1 field misfit (the model loss) beside the L1 error')
-    _head_validated_recipe_arguments(
-        model, heads_help='whole simulated brains (seeds SEED, SEED+1, ...), each with and without disturbance')
+    _head_validated_recipe_arguments(model)
 
 
 def main(argv=None):
