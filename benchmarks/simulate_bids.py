@@ -80,11 +80,19 @@ def load_mni_maps(voxel_size_mm, scale=(1.0, 1.0, 1.0)):
     images = {key: nib.load(MNI_DATA / name) for key, name in MNI_FILES.items()}
     affine = images['t1'].affine.copy()
     mni_step = voxel_size / np.asarray(scale, dtype=float)
-    zoom = 1.0 / mni_step
-    maps = {key: ndimage.zoom(img.get_fdata(dtype=np.float32) / 255.0, zoom, order=1)
-            for key, img in images.items()}
+    maps = {key: resampled_at_step(img.get_fdata(dtype=np.float32) / 255.0, mni_step) for key, img in images.items()}
     affine[:3, :3] = affine[:3, :3] @ np.diag(mni_step)
     return maps, affine
+
+
+def resampled_at_step(volume, step):
+    """``volume`` sampled (linearly) every ``step`` voxels from its first voxel on, so that the
+    affine of the result is the volume's times ``diag(step)``. ``ndimage.zoom`` instead stretches
+    the samples to span both end voxels, which puts structures up to 1 % of the grid off the
+    coordinates the affine gives them."""
+    step = np.broadcast_to(np.asarray(step, dtype=float), (3,))
+    shape = tuple(int(np.floor((size - 1) / s + 1e-9)) + 1 for size, s in zip(volume.shape, step))
+    return ndimage.affine_transform(volume, step, output_shape=shape, order=1)
 
 
 def _world_grid(shape, affine):
@@ -125,7 +133,7 @@ def head_phantom(voxel_size_mm=1.0, seed=0, scale=(1.0, 1.0, 1.0), lesions=(), b
 
     Keys: chi (ppm, air and bone included), brain_mask, head_mask, intracranial_mask, m0, r1,
     r2star (1/s), phase_offset (rad), wm_fraction (white matter's share of each brain voxel),
-    nuclei (label map: 1 + the index in NUCLEI of each deep grey matter nucleus, 0 elsewhere).
+    nuclei (label map of the deep grey matter nuclei, as ``nucleus_names`` numbers them; 0 elsewhere).
     """
     rng = np.random.default_rng(seed)
     vs = tuple(float(v) for v in np.broadcast_to(np.asarray(voxel_size_mm, dtype=float), (3,)))
@@ -157,9 +165,9 @@ def head_phantom(voxel_size_mm=1.0, seed=0, scale=(1.0, 1.0, 1.0), lesions=(), b
     r1 = 1.1 * wm_fraction + 0.7 * gm_fraction + 0.25 * csf_fraction
     nuclei = np.zeros(brain.shape, dtype=np.uint8)
     for index, (_, centre, radii, chi_value, r2star_value) in enumerate(NUCLEI):
-        for side in _mirrored(centre):
-            nucleus = _ellipsoid(world, side, radii) & brain
-            chi[nucleus], r2star[nucleus], nuclei[nucleus] = chi_value, r2star_value, index + 1
+        for side, side_centre in enumerate(_mirrored(centre)):
+            nucleus = _ellipsoid(world, side_centre, radii) & brain
+            chi[nucleus], r2star[nucleus], nuclei[nucleus] = chi_value, r2star_value, 2 * index + side + 1
     for start, end, radius in VEINS:
         vein = _segment(world, start, end, radius) & brain
         chi[vein], r2star[vein] = CHI_VEIN, R2STAR_VEIN
@@ -306,6 +314,7 @@ def write_subject(bids_dir, label, phantom, affine, megre, echo_times_s=ECHO_TIM
                          ('desc-total_fieldmap', megre['total_field']),
                          ('desc-local_fieldmap', megre['local_field'])):
         _save(volume, affine, truth / f'{prefix}_{name}.nii.gz')
+    nib.Nifti1Image(phantom['nuclei'].astype(np.int16), affine).to_filename(truth / f'{prefix}_desc-nuclei_dseg.nii.gz')
 
 
 def write_dataset_description(bids_dir, name='qsmprep simulated MEGRE'):
@@ -355,10 +364,57 @@ def simulate_cohort(bids_dir, voxel_size_mm=2.0, heads=COHORT_HEADS, peak_snr=10
 TEST_TEMPLATE, TEST_ATLAS = 'MNI152NLin2009aSym', 'qsmprepNuclei'
 
 
+def template_to_subject(head):
+    """The template-to-subject world matrix that ``simulate_cohort`` applied to ``head``: its
+    stretch, then its tilt."""
+    return tilted_affine(np.diag(list(head.get('scale', (1.0, 1.0, 1.0))) + [1.0]), head.get('tilt', 0.0))
+
+
+def true_region_means(bids_dir, output_dir, label, chimap=None):
+    """Nucleus -> mean susceptibility (ppm) of subject ``label`` over the nucleus as simulated (the
+    truth's ``desc-nuclei_dseg``), inside qsmprep's local-field mask and referenced as qsmprep's
+    Chimap is (to its mean over that mask): the truth the group level's table is scored against.
+    With ``chimap`` (an array on the subject's grid), the same for it instead of the truth."""
+    from qsmprep.science import normalization
+
+    truth = Path(bids_dir) / 'derivatives' / 'truth' / f'sub-{label}' / 'anat'
+    mask_path = Path(output_dir) / f'sub-{label}' / 'anat' / f'sub-{label}_desc-localfield_mask.nii.gz'
+    mask = np.asanyarray(nib.load(mask_path).dataobj) > 0
+    chi = nib.load(truth / f'sub-{label}_Chimap.nii.gz').get_fdata() if chimap is None else chimap
+    chi = np.asarray(chi, dtype=float) - np.asarray(chi, dtype=float)[mask].mean()
+    nuclei = np.asanyarray(nib.load(truth / f'sub-{label}_desc-nuclei_dseg.nii.gz').dataobj)
+    return {row['region']: row['chi_mean']
+            for row in normalization.region_statistics(nuclei, nucleus_names(), {'chi': chi}, mask)}
+
+
 def nucleus_names():
     """Atlas label -> name of each nucleus of ``NUCLEI``, right (MNI x > 0) then left."""
     return {2 * index + side + 1: f'{name}_{"right" if side == 0 else "left"}'
             for index, (name, *_) in enumerate(NUCLEI) for side in range(2)}
+
+
+def nuclei_atlas(shape, affine, points=5):
+    """The nuclei of ``NUCLEI`` drawn as an atlas is: each voxel of the grid takes the nucleus that
+    covers more than half of it (``points`` per axis sample it). Labelling the voxels whose centre is
+    inside instead makes nuclei centred on a voxel with a whole radius in voxels a fifth too large."""
+    atlas = np.zeros(shape, dtype=np.int16)
+    to_voxels = np.linalg.inv(affine)
+    offsets = (np.arange(points) + 0.5) / points - 0.5
+    for index, (_, centre, radii, _, _) in enumerate(NUCLEI):
+        for side, side_centre in enumerate(_mirrored(centre)):
+            corners = np.array([[side_centre[a] + sign * (radii[a] + 2) for a in range(3)] + [1]
+                                for sign in (-1, 1)])
+            ends = (to_voxels @ corners.T)[:3]
+            start = np.maximum(np.floor(ends.min(axis=1)).astype(int), 0)
+            stop = np.minimum(np.ceil(ends.max(axis=1)).astype(int) + 1, shape)
+            box = tuple(slice(a, b) for a, b in zip(start, stop))
+            inside = np.zeros(stop - start, dtype=np.float32)
+            for shift in np.stack(np.meshgrid(offsets, offsets, offsets, indexing='ij'), -1).reshape(-1, 3):
+                shifted = affine.copy()
+                shifted[:3, 3] = affine[:3, :3] @ (start + shift) + affine[:3, 3]
+                inside += _ellipsoid(_world_grid(inside.shape, shifted), side_centre, radii)
+            atlas[box][inside > points ** 3 / 2] = 2 * index + side + 1
+    return atlas
 
 
 def write_templateflow_home(home):
@@ -373,14 +429,9 @@ def write_templateflow_home(home):
     brain = ndimage.binary_fill_holes((images['gm'].get_fdata() + images['wm'].get_fdata()) / 255.0 > 0.5)
     half = affine.copy()
     half[:3, :3] *= 2
-    _save(ndimage.zoom(t1, 0.5, order=1), half, f'{stem}_res-02_T1w.nii.gz')
-    _save(ndimage.zoom(brain.astype(np.float32), 0.5, order=1) > 0.5, half, f'{stem}_res-02_desc-brain_mask.nii.gz')
-    world = _world_grid(t1.shape, affine)
-    atlas = np.zeros(t1.shape, dtype=np.int16)
-    for index, (_, centre, radii, _, _) in enumerate(NUCLEI):
-        for side, side_centre in enumerate(_mirrored(centre)):
-            atlas[_ellipsoid(world, side_centre, radii)] = 2 * index + side + 1
-    _save(atlas, affine, f'{stem}_res-01_atlas-{TEST_ATLAS}_dseg.nii.gz')
+    _save(resampled_at_step(t1, 2), half, f'{stem}_res-02_T1w.nii.gz')
+    _save(resampled_at_step(brain.astype(np.float32), 2) > 0.5, half, f'{stem}_res-02_desc-brain_mask.nii.gz')
+    _save(nuclei_atlas(t1.shape, affine), affine, f'{stem}_res-01_atlas-{TEST_ATLAS}_dseg.nii.gz')
     Path(f'{stem}_res-01_atlas-{TEST_ATLAS}_dseg.tsv').write_text(
         'index\tname\n' + ''.join(f'{label}\t{name}\n' for label, name in nucleus_names().items()))
     _write_json(folder / 'template_description.json', {'Name': 'ICBM 2009a Nonlinear Symmetric (nilearn copy)',

@@ -96,7 +96,7 @@ def fetch_templates(template=DEFAULT_TEMPLATE, atlas=DEFAULT_ATLAS):
 
 def template_files(template, atlas):
     """The T1w image and brain mask of ``template`` at ``TEMPLATE_RESOLUTION`` mm and its ``atlas``
-    (any resolution: labels are resampled by nearest neighbour) with its label table."""
+    (any resolution: ``normalization.labels_in_native`` brings it to each series) with its label table."""
     return TemplateFiles(name=template, **{key: _cached_file(template, description, **entities)
                                            for key, (description, entities) in _queries(atlas).items()})
 

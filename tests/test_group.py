@@ -4,26 +4,17 @@ import csv
 import json
 import os
 
-import nibabel as nib
 import numpy as np
 import pytest
 
-from benchmarks.simulate_bids import (COHORT_HEADS, NUCLEI, TEST_ATLAS, TEST_TEMPLATE, nucleus_names,
-                                      simulate_cohort, tilted_affine, write_templateflow_home)
+from benchmarks.simulate_bids import (COHORT_HEADS, NUCLEI, TEST_ATLAS, TEST_TEMPLATE, simulate_cohort,
+                                      template_to_subject, true_region_means, write_templateflow_home)
 from qsmprep import group
 from qsmprep.files import read_itk_transform
 from qsmprep.science import normalization
+from qsmprep.science.physics import voxel_size_from_affine
 
 HEADS = COHORT_HEADS
-# Nuclei of at least 60 voxels at 2 mm; the red nucleus, substantia nigra and dentate (10 to 40
-# voxels) are mostly edge, where a voxel more or less moves the mean by tens of ppb, and TV
-# underestimates the globus pallidus' 0.15 ppm by 0.01 to 0.02 ppm even where the atlas is exact.
-LARGE_NUCLEI = ('caudate', 'putamen', 'thalamus')
-
-
-def true_matrix(head):
-    """The template-to-subject world matrix the simulation applied: stretch, then tilt."""
-    return tilted_affine(np.diag(list(head.get('scale', (1.0, 1.0, 1.0))) + [1.0]), head.get('tilt', 0.0))
 
 
 @pytest.fixture(scope='module')
@@ -54,41 +45,71 @@ def _rows(root):
         return list(csv.DictReader(stream, delimiter='\t'))
 
 
-def test_the_atlas_lands_within_a_voxel_of_where_the_simulation_put_it(group_run):
+def test_the_atlas_lands_where_the_simulation_put_it(group_run):
+    """Within 0.5 mm at five nuclei: the registration lands 0.04-0.25 mm off at 2 mm, and images
+    stretched by 1 % (as ``ndimage.zoom`` resamples) put it 1-2 mm off."""
     points = np.array([[13, 12, 10, 1], [-25, 2, 0, 1], [11, -18, 6, 1], [-5, -20, -8, 1], [14, -56, -34, 1]]).T
     for label, head in enumerate(HEADS, start=1):
         found = read_itk_transform(group_run / 'out' / 'group' / 'transforms' /
                                    f'sub-{label:02d}_from-MEGRE_to-{TEST_TEMPLATE}_mode-image_xfm.txt')
-        errors = np.linalg.norm((found @ points - true_matrix(head) @ points)[:3], axis=0)
-        assert errors.max() < 1.5, (label, errors)
+        errors = np.linalg.norm((found @ points - template_to_subject(head) @ points)[:3], axis=0)
+        assert errors.max() < 0.5, (label, errors)
 
 
 def test_deep_grey_matter_means_agree_with_the_truth(group_run):
-    """The truth of a region: the simulated susceptibility over the atlas placed by the simulation's
-    own transform, referenced as the Chimap is (its mean over the local-field mask)."""
+    """Every nucleus of every participant within 0.02 ppm of the simulated susceptibility over the
+    nucleus as simulated (``simulate_bids.true_region_means``)."""
     rows = _rows(group_run)
     assert len(rows) == len(HEADS) * 2 * len(NUCLEI)
-    atlas_path = (group_run / 'templateflow' / f'tpl-{TEST_TEMPLATE}' /
-                  f'tpl-{TEST_TEMPLATE}_res-01_atlas-{TEST_ATLAS}_dseg.nii.gz')
-    atlas = nib.load(atlas_path)
     errors = {}
-    for label, head in enumerate(HEADS, start=1):
-        subject = f'sub-{label:02d}'
-        truth_image = nib.load(group_run / 'bids' / 'derivatives' / 'truth' / subject / 'anat' /
-                               f'{subject}_Chimap.nii.gz')
-        mask = nib.load(group_run / 'out' / subject / 'anat' / f'{subject}_desc-localfield_mask.nii.gz').get_fdata() > 0
-        truth = truth_image.get_fdata() - truth_image.get_fdata()[mask].mean()
-        labels = normalization.labels_in_native(atlas.get_fdata(), atlas.affine, true_matrix(head),
-                                                truth_image.affine, truth.shape)
-        expected = {row['region']: row['chi_mean'] for row in
-                    normalization.region_statistics(labels, nucleus_names(), {'chi': truth}, mask)}
+    for label in range(1, len(HEADS) + 1):
+        expected = true_region_means(group_run / 'bids', group_run / 'out', f'{label:02d}')
         for row in rows:
-            if row['participant_id'] == subject:
-                errors[subject, row['region']] = float(row['chi_mean']) - expected[row['region']]
-    large = {key: error for key, error in errors.items() if key[1].rsplit('_', 1)[0] in LARGE_NUCLEI}
-    assert max(abs(error) for error in large.values()) < 0.02, large
-    assert max(abs(error) for error in errors.values()) < 0.06, errors
-    assert abs(np.median(list(errors.values()))) < 0.01
+            if row['participant_id'] == f'sub-{label:02d}':
+                errors[row['participant_id'], row['region']] = float(row['chi_mean']) - expected[row['region']]
+    assert max(abs(error) for error in errors.values()) < 0.02, errors
+
+
+def test_the_magnitude_is_brought_to_the_template_voxel_size_in_place():
+    """A blob of a 1.5 mm image keeps its world position at 2 mm; a grid as coarse is left alone."""
+    volume = np.zeros((60, 50, 40), dtype=np.float32)
+    volume[31:34, 20:23, 11:14] = 1.0
+    affine = np.array([[1.5, 0, 0, -40], [0, 1.5, 0, -30], [0, 0, 1.5, 10], [0, 0, 0, 1.0]])
+
+    def centre(array, matrix):
+        ijk = np.average(np.indices(array.shape).reshape(3, -1), axis=1, weights=array.ravel())
+        return (matrix @ np.r_[ijk, 1])[:3]
+
+    coarse, coarse_affine = normalization.at_voxel_size(volume, affine, 2.0)
+    assert np.allclose(voxel_size_from_affine(coarse_affine), 2.0)
+    assert np.linalg.norm(centre(coarse, coarse_affine) - centre(volume, affine)) < 0.1
+    same, same_affine = normalization.at_voxel_size(volume, affine, 1.0)
+    assert np.array_equal(same, volume) and same_affine is affine
+
+
+def test_atlas_labels_go_to_a_coarser_tilted_grid_by_the_volume_they_cover():
+    """A ball of radius 3.3 mm drawn on a 1 mm atlas, on a 2 mm grid tilted by 12 degrees and
+    shifted: the voxels that mostly lie in the ball get its label, and no voxel mostly outside."""
+    atlas_affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    atlas_affine[:3, 3] = -20
+    world = np.indices((41, 41, 41)).reshape(3, -1) - 20.0
+    radius = 3.3
+    atlas = (np.linalg.norm(world, axis=0) <= radius).reshape(41, 41, 41).astype(np.int16)
+    turn = np.radians(12.0)
+    native_affine = np.eye(4)
+    native_affine[:3, :3] = 2.0 * np.array([[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0],
+                                            [0, 0, 1]])
+    native_affine[:3, 3] = -native_affine[:3, :3] @ [7.3, 7.6, 7.45]
+    labels = normalization.labels_in_native(atlas, atlas_affine, np.eye(4), native_affine, (15, 15, 15))
+    ijk = np.indices((15, 15, 15)).reshape(3, -1)
+    points = (native_affine[:3, :3] @ ijk + native_affine[:3, 3:])[:, :, None]
+    within = (np.arange(5) + 0.5) / 5 - 0.5
+    spread = native_affine[:3, :3] @ np.stack(np.meshgrid(within, within, within, indexing='ij')).reshape(3, -1)
+    covered = (np.linalg.norm(points + spread[:, None, :], axis=0) <= radius).mean(axis=1).reshape(15, 15, 15)
+    assert covered[covered > 0.5].size == 15
+    # A nearest neighbour per voxel gets 7 voxels wrong here.
+    assert ((labels > 0) != (covered > 0.5)).sum() <= 2
+    assert set(np.unique(labels[covered < 0.3])) <= {0}
 
 
 def test_table_has_its_dictionary_and_the_page_its_plots(group_run):

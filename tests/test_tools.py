@@ -60,7 +60,7 @@ def test_invert(files, head, run_tool):
 
 
 # Over the whole valid mask, outer voxel layer included (test_bgremove.py leaves it out).
-@pytest.mark.parametrize('method, threshold', [('vsharp', 32), ('pdf', 36), ('lbv', 32)])
+@pytest.mark.parametrize('method, threshold', [('vsharp', 32), ('pdf', 38), ('lbv', 32)])
 def test_bgremove(files, head, run_tool, method, threshold):
     out, out_mask = files['folder'] / f'local_{method}.nii.gz', files['folder'] / f'local_mask_{method}.nii.gz'
     result = run_tool('bgremove', files['total_field'], '--mask', files['brain'], '--method', method, '-o', out,
