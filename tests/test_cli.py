@@ -1,14 +1,17 @@
 """The real ``qsmprep`` command line on a small simulated BIDS dataset."""
+import io
 import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from benchmarks.evaluate import evaluate_subject
+from qsmprep.cli.progress import StageProgress
 
 SPEC = json.loads((Path(__file__).resolve().parents[1] / 'bids_spec' / 'derivatives.json').read_text())
 
@@ -98,8 +101,30 @@ def test_progress_is_one_line_per_stage_without_nipype_chatter(participant_run):
     for stage in ('brain mask', 'phase unwrapping', 'background field removal', 'dipole inversion'):
         for label in ('01', '02'):
             assert sum(f'] sub-{label}: {stage} done in ' in line for line in lines) == 1, (stage, label)
-    assert not any('nipype' in line for line in lines)
+    assert not any('nipype' in line or ' stages |' in line for line in lines)  # no bar when not a terminal
     assert lines[-1].startswith('qsmprep: 2 of 2 series done')
+
+
+def test_on_a_terminal_a_bar_counts_the_stages_and_names_the_running_ones():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    now, stream = [0.0], Terminal()
+    progress = StageProgress([], stream=stream, clock=lambda: now[0], total=3)
+    mask = SimpleNamespace(name='brain_mask', fullname='series_a_wf.brain_mask')
+    invert = SimpleNamespace(name='invert', fullname='series_a_wf.inversion_wf.invert')
+    progress(mask, 'start')
+    now[0] = 5.0
+    progress(invert, 'start')
+    now[0] = 47.0
+    assert progress.running() == 'run brain mask 47 s, run dipole inversion 42 s'
+    progress(mask, 'end')
+    assert progress.running() == 'run dipole inversion 42 s'
+    progress.close()
+    text = stream.getvalue()
+    assert '] run: brain mask done in 47.0 s' in text
+    assert '1/3 stages' in text and 'dipole inversion 42 s' in text
 
 
 def test_report_shows_the_maps_metrics_methods_and_software(participant_run):

@@ -1,5 +1,8 @@
-"""One terminal line per finished stage of a run, from Nipype's status callback."""
+"""One terminal line per finished stage of a run, from Nipype's status callback, and on a terminal
+a bar of the stages done with the running ones and how long each has run."""
+import os
 import sys
+import threading
 import time
 
 from ..bids import series_name
@@ -22,12 +25,35 @@ STAGES = {
 }
 
 
+REFRESH_S = 1.0  # how often the bar's running times are redrawn
+
+
+def count_stages(workflow):
+    """How many nodes of ``workflow`` (nested workflows included) are stages."""
+    return sum(name.rsplit('.', 1)[-1] in STAGES for name in workflow.list_node_names())
+
+
+def _terminal_width(stream):
+    """Columns of the terminal ``stream`` writes to, None when unknown. A terminal of no width (a
+    pseudo-terminal nobody sized) shows no bar."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 class StageProgress:
     """Nipype's ``status_callback``: prints ``[elapsed] series: stage done in s`` when a stage ends
     (or failed when it fails). ``series_list`` names the series by their workflows; the nodes of a
-    combination of orientations are named by the head they belong to."""
+    combination of orientations are named by the head they belong to.
 
-    def __init__(self, series_list, stream=None, clock=time.monotonic):
+    With ``total`` (the stages of the run) and a terminal as ``stream``, a tqdm bar under the lines
+    counts the stages done and names the running ones with their time so far, redrawn every
+    ``REFRESH_S``: a stage runs in a worker process, which cannot draw on the terminal itself.
+    ``close`` ends the bar.
+    """
+
+    def __init__(self, series_list, stream=None, clock=time.monotonic, total=None):
         self.workflow_series = {f'series_{series.workflow_name}_wf': series.name for series in series_list}
         for series in series_list:
             head = series_name({key: value for key, value in series.entities.items() if key != 'run'})
@@ -36,6 +62,33 @@ class StageProgress:
         self.clock = clock
         self.started = clock()
         self.node_started = {}
+        self.bar = None
+        if total and getattr(self.stream, 'isatty', lambda: False)() and _terminal_width(self.stream) != 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit='stage', file=self.stream, dynamic_ncols=True,
+                            bar_format='{n_fmt}/{total_fmt} stages |{bar}| {elapsed}{postfix}')
+            self._stop = threading.Event()
+            self._refresher = threading.Thread(target=self._refresh, daemon=True)
+            self._refresher.start()
+
+    def running(self):
+        """The running stages, longest first: ``series stage 12 s``."""
+        now = self.clock()
+        started = sorted(self.node_started.copy().items(), key=lambda item: item[1])  # copied: two threads
+        return ', '.join(f'{self.owner(fullname)} {STAGES[fullname.rsplit(".", 1)[-1]]} {now - start:.0f} s'
+                         for fullname, start in started)
+
+    def _refresh(self):
+        while not self._stop.wait(REFRESH_S):
+            self.bar.set_postfix_str(self.running())
+
+    def close(self):
+        if self.bar is not None:
+            self._stop.set()
+            self._refresher.join()
+            self.bar.close()
+            self.bar = None
 
     def owner(self, fullname):
         for part in fullname.split('.'):
@@ -50,8 +103,15 @@ class StageProgress:
         now = self.clock()
         if status == 'start':
             self.node_started[node.fullname] = now
+            if self.bar is not None:
+                self.bar.set_postfix_str(self.running())
             return
         seconds = now - self.node_started.pop(node.fullname, now)
         outcome = f'done in {seconds:.1f} s' if status == 'end' else 'FAILED'
-        print(f'[{now - self.started:7.1f} s] {self.owner(node.fullname)}: {stage} {outcome}', file=self.stream,
-              flush=True)
+        line = f'[{now - self.started:7.1f} s] {self.owner(node.fullname)}: {stage} {outcome}'
+        if self.bar is None:
+            print(line, file=self.stream, flush=True)
+        else:
+            self.bar.write(line, file=self.stream)
+            self.bar.set_postfix_str(self.running(), refresh=False)
+            self.bar.update(1)

@@ -14,7 +14,7 @@ from ..learned import missing_torch_message, shipped_voxel_size_range_mm
 from ..methods import INVERSIONS, LEARNED_INVERSIONS, STI_METHODS
 from ..settings import Settings
 from .parser import build_parser
-from .progress import StageProgress
+from .progress import StageProgress, count_stages
 
 logger = logging.getLogger('qsmprep')
 
@@ -316,7 +316,8 @@ def _run_participants(settings):
         logger.info('%s: %d echoes, %.1f T, B0 direction %s (from %s)', series.name, len(series.echo_times_s),
                     series.field_strength_t, [round(v, 3) for v in series.b0_dir], series.b0_dir_source)
     plugin, plugin_args = ('MultiProc', {'n_procs': settings.nprocs}) if settings.nprocs > 1 else ('Linear', {})
-    plugin_args['status_callback'] = StageProgress(series_list)
+    progress = StageProgress(series_list, total=count_stages(qsmprep_wf))
+    plugin_args['status_callback'] = progress
     started = time.time()
     # Nipype's resource monitor writes its logs into the current folder: keep them in the work
     # directory (every path handed to the workflow is absolute).
@@ -327,6 +328,7 @@ def _run_participants(settings):
     except RuntimeError:
         pass  # the crash files say which steps failed
     finally:
+        progress.close()
         os.chdir(launch_dir)
     crashes = _crashes(settings.work_dir / 'crash', started, series_list)
     for name, lines in crashes.items():
