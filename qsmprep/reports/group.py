@@ -63,8 +63,9 @@ def write_group_report(rows, folder, template):
 <h1>qsmprep group level</h1>
 <p>{len(series)} series of {len({row["participant_id"] for row in rows})} participants; regions of
 <code>{html.escape(template.atlas.name)}</code> brought from <code>{html.escape(template.name)}</code> onto each
-series by an affine registration of its first-echo magnitude; statistics over each region inside the local-field
-mask. The table: <code>desc-regions_stats.tsv</code> (columns described in <code>desc-regions_stats.json</code>).</p>
+series by an affine registration of its first-echo magnitude, each voxel taking the label that covers most of it;
+statistics over each region inside the local-field mask. The table: <code>desc-regions_stats.tsv</code> (columns
+described in <code>desc-regions_stats.json</code>).</p>
 <h1>Mean susceptibility per region</h1>
 <p>One dot per series; the grey line is the median; red: further from it than the data dictionary's robust
 z-score allows (from 5 series on).</p>
