@@ -394,8 +394,8 @@ def nucleus_names():
 
 
 def nuclei_atlas(shape, affine, points=5):
-    """The nuclei of ``NUCLEI`` drawn as an atlas is: each voxel of the grid takes the nucleus that
-    covers more than half of it (``points`` per axis sample it). Labelling the voxels whose centre is
+    """The nuclei of ``NUCLEI`` on the grid of ``shape`` and ``affine`` as an atlas draws them: each
+    voxel takes the nucleus that covers more than half of it (``points`` per axis sample it). Labelling the voxels whose centre is
     inside instead makes nuclei centred on a voxel with a whole radius in voxels a fifth too large."""
     atlas = np.zeros(shape, dtype=np.int16)
     to_voxels = np.linalg.inv(affine)
