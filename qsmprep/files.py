@@ -1,7 +1,8 @@
-"""Writing files so that a reader never sees half of one (a temporary name, then a rename), and
-ITK transform files."""
+"""Writing files so that a reader never sees half of one (a temporary name, then a rename), a long
+stage's progress for the terminal, and ITK transform files."""
 import os
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +31,35 @@ def write_text_atomically(path, text):
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+# In a stage's working folder: how far its long computation is, for the terminal's progress bar
+# (stages run in worker processes, which cannot draw on the terminal).
+STAGE_PROGRESS_FILE = 'progress.txt'
+
+
+def stage_progress_writer(folder, interval_s=1.0):
+    """A ``progress(done, total)`` callback that writes ``done total`` to ``STAGE_PROGRESS_FILE`` in
+    ``folder`` at most every ``interval_s`` and at the end; what an earlier run left there goes."""
+    path = Path(folder) / STAGE_PROGRESS_FILE
+    path.unlink(missing_ok=True)
+    last_written = [-float('inf')]
+
+    def progress(done, total):
+        now = time.monotonic()
+        if now - last_written[0] >= interval_s or done >= total:
+            last_written[0] = now
+            write_text_atomically(path, f'{done} {total}\n')
+    return progress
+
+
+def read_stage_progress(folder):
+    """``(done, total)`` as ``stage_progress_writer`` last wrote it in ``folder``; None if nothing."""
+    try:
+        done, total = (int(value) for value in (Path(folder) / STAGE_PROGRESS_FILE).read_text().split())
+    except (OSError, ValueError):
+        return None
+    return done, total
 
 
 def remove_temporary_files(folder):

@@ -78,7 +78,7 @@ def markdown_table():
 
 
 def invert(method, local_fields_ppm, mask, voxel_size, b0_dirs, magnitude=None, echo_times=None,
-           field_strength=None, threads=1):
+           field_strength=None, threads=1, progress=None):
     """Susceptibility (ppm, referenced to its mean over ``mask``) by the registered ``method``, and
     the parameters it chose (for the sidecar).
 
@@ -86,13 +86,15 @@ def invert(method, local_fields_ppm, mask, voxel_size, b0_dirs, magnitude=None, 
     methods take one. ``magnitude``: the data weight of the classical methods. ``echo_times`` (s)
     and ``field_strength`` (T): needed by ``nltv``, whose data term is the field as phase.
     ``threads``: torch's threads for a learned method (the FFTs take scipy's workers).
+    ``progress(done, total)``: told of the iterations of the iterative methods.
     """
     if INVERSIONS[method].learned:
         import torch
 
         from .learned.models import invert_with_shipped
         torch.set_num_threads(max(1, threads))
-        chi, parameters = invert_with_shipped(method, list(local_fields_ppm), mask, voxel_size, list(b0_dirs))
+        chi, parameters = invert_with_shipped(method, list(local_fields_ppm), mask, voxel_size, list(b0_dirs),
+                                              progress=progress)
     else:
         if len(local_fields_ppm) != 1:
             raise ValueError(f'{method} inverts one local field; several orientations need '
@@ -103,7 +105,7 @@ def invert(method, local_fields_ppm, mask, voxel_size, b0_dirs, magnitude=None, 
                 raise ValueError('nltv needs the echo times and the field strength (its data term is phase)')
             options['phase_scale_rad_per_ppm'] = inversion.phase_scale_rad_per_ppm(echo_times, field_strength)
         chi, parameters = inversion.invert(local_fields_ppm[0], mask, voxel_size, b0_dirs[0], method=method,
-                                           magnitude=magnitude, **options)
+                                           magnitude=magnitude, progress=progress, **options)
     return inversion.reference_to_mask_mean(chi, mask), parameters
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from benchmarks.evaluate import evaluate_subject
 from qsmprep.cli.progress import StageProgress
+from qsmprep.files import stage_progress_writer
 
 SPEC = json.loads((Path(__file__).resolve().parents[1] / 'bids_spec' / 'derivatives.json').read_text())
 
@@ -105,7 +106,7 @@ def test_progress_is_one_line_per_stage_without_nipype_chatter(participant_run):
     assert lines[-1].startswith('qsmprep: 2 of 2 series done')
 
 
-def test_on_a_terminal_a_bar_counts_the_stages_and_names_the_running_ones():
+def test_on_a_terminal_a_bar_counts_the_stages_and_names_the_running_ones(tmp_path):
     class Terminal(io.StringIO):
         def isatty(self):
             return True
@@ -113,14 +114,18 @@ def test_on_a_terminal_a_bar_counts_the_stages_and_names_the_running_ones():
     now, stream = [0.0], Terminal()
     progress = StageProgress([], stream=stream, clock=lambda: now[0], total=3)
     mask = SimpleNamespace(name='brain_mask', fullname='series_a_wf.brain_mask')
-    invert = SimpleNamespace(name='invert', fullname='series_a_wf.inversion_wf.invert')
+    invert = SimpleNamespace(name='invert', fullname='series_a_wf.inversion_wf.invert', output_dir=lambda: tmp_path)
     progress(mask, 'start')
     now[0] = 5.0
     progress(invert, 'start')
+    iterations = stage_progress_writer(tmp_path)  # as the inversion's worker process does
+    iterations(40, 300)
+    iterations(41, 300)  # within a second of the last: not written
     now[0] = 47.0
-    assert progress.running() == 'run brain mask 47 s, run dipole inversion 42 s'
+    assert progress.running() == 'run brain mask 47 s, run dipole inversion 42 s (iteration 40/300)'
     progress(mask, 'end')
-    assert progress.running() == 'run dipole inversion 42 s'
+    iterations(300, 300)  # the last is always written
+    assert progress.running() == 'run dipole inversion 42 s (iteration 300/300)'
     progress.close()
     text = stream.getvalue()
     assert '] run: brain mask done in 47.0 s' in text

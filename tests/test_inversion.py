@@ -100,3 +100,19 @@ def test_periodic_gradient_is_the_wrapped_forward_difference_and_its_adjoint_is_
         assert np.allclose(gradient[axis], (np.roll(x, -1, axis=axis) - x) / d, atol=1e-6)
     assert np.isclose(np.vdot(gradient, y), np.vdot(x, inversion.periodic_gradient_adjoint(y, voxel_size)),
                       rtol=1e-5)
+
+
+def test_tv_tells_its_progress_after_each_iteration():
+    """What the terminal's bar shows of a long inversion; early stopping ends it before the last."""
+    rng = np.random.default_rng(0)
+    mask = np.zeros((16, 16, 16), dtype=bool)
+    mask[3:13, 3:13, 3:13] = True
+    field = np.where(mask, rng.normal(0, 0.01, mask.shape), 0).astype(np.float32)
+    calls = []
+    inversion.invert(field, mask, (1.0, 1.0, 1.0), (0.0, 0.0, 1.0), method='tv', iterations=12, tolerance=0,
+                     progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(done, 12) for done in range(1, 13)]
+    calls.clear()
+    inversion.invert(field, mask, (1.0, 1.0, 1.0), (0.0, 0.0, 1.0), method='tv', iterations=500, tolerance=0.5,
+                     progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(done, 500) for done in range(1, 6)]

@@ -152,16 +152,19 @@ def test_shipped_lpn_inverts_better_than_tkd_and_reports_its_regularizer():
     # Brain-like patches with one orientation, from a seed (7) that neither the training nor its
     # validation (seed 0) drew from.
     config = simulate.SimulationConfig(brain_fraction=1.0, max_orientations=1, background_max_ppm=0.0)
-    learned, truncated = [], []
+    learned, truncated, progress = [], [], []
     for index in range(4):
         sample = simulate.simulate_batch(7, index, 1, 48, config, simulate.VALIDATION_STREAM)[0]
         field, b0_dir = sample.local_fields_ppm[0], sample.b0_dirs[0]
         chi = lpn.lpn_invert(field, sample.mask, sample.voxel_size, b0_dir, model, card['inference']['step_size'],
-                             card['inference']['iterations'], device='cpu')
+                             card['inference']['iterations'], device='cpu',
+                             progress=lambda *call: progress.append(call))
         learned.append(metrics.nrmse(chi, sample.chi_ppm, sample.mask))
         truncated.append(metrics.nrmse(inversion.tkd(field, sample.mask, sample.voxel_size, b0_dir),
                                        sample.chi_ppm, sample.mask))
     assert np.mean(learned) < np.mean(truncated) - 3
+    iterations = card['inference']['iterations']
+    assert progress == [(done, iterations) for done in range(1, iterations + 1)] * 4
     # The prior penalises the noisy TKD map more than the LPN's own estimate of the same patch.
     penalty = [lpn.lpn_regularizer_map(estimate, sample.mask, sample.voxel_size, model, iterations=50).sum()
                for estimate in (chi, inversion.tkd(field, sample.mask, sample.voxel_size, b0_dir))]

@@ -6,6 +6,7 @@ import threading
 import time
 
 from ..bids import series_name
+from ..files import read_stage_progress
 
 # The nodes that users know as stages, in the words the lines use; other nodes are bookkeeping.
 STAGES = {
@@ -42,15 +43,23 @@ def _terminal_width(stream):
         return None
 
 
+def _output_dir(node):
+    """The working folder of a Nipype node, where its interface runs; None when it has none."""
+    try:
+        return node.output_dir()
+    except (AttributeError, OSError):
+        return None
+
+
 class StageProgress:
     """Nipype's ``status_callback``: prints ``[elapsed] series: stage done in s`` when a stage ends
     (or failed when it fails). ``series_list`` names the series by their workflows; the nodes of a
     combination of orientations are named by the head they belong to.
 
     With ``total`` (the stages of the run) and a terminal as ``stream``, a tqdm bar under the lines
-    counts the stages done and names the running ones with their time so far, redrawn every
-    ``REFRESH_S``: a stage runs in a worker process, which cannot draw on the terminal itself.
-    ``close`` ends the bar.
+    counts the stages done and names the running ones with their time so far and, for those that
+    write it (``files.stage_progress_writer``), their iterations, redrawn every ``REFRESH_S``: a
+    stage runs in a worker process, which cannot draw on the terminal itself. ``close`` ends the bar.
     """
 
     def __init__(self, series_list, stream=None, clock=time.monotonic, total=None):
@@ -62,6 +71,7 @@ class StageProgress:
         self.clock = clock
         self.started = clock()
         self.node_started = {}
+        self.node_folder = {}
         self.bar = None
         if total and getattr(self.stream, 'isatty', lambda: False)() and _terminal_width(self.stream) != 0:
             from tqdm import tqdm
@@ -73,11 +83,17 @@ class StageProgress:
             self._refresher.start()
 
     def running(self):
-        """The running stages, longest first: ``series stage 12 s``."""
+        """The running stages, longest first: ``series stage 12 s``, with ``iteration 40/300`` where
+        the stage writes its progress."""
         now = self.clock()
         started = sorted(self.node_started.copy().items(), key=lambda item: item[1])  # copied: two threads
-        return ', '.join(f'{self.owner(fullname)} {STAGES[fullname.rsplit(".", 1)[-1]]} {now - start:.0f} s'
-                         for fullname, start in started)
+        parts = []
+        for fullname, start in started:
+            part = f'{self.owner(fullname)} {STAGES[fullname.rsplit(".", 1)[-1]]} {now - start:.0f} s'
+            folder = self.node_folder.get(fullname)
+            iterations = read_stage_progress(folder) if folder else None
+            parts.append(part if iterations is None else f'{part} (iteration {iterations[0]}/{iterations[1]})')
+        return ', '.join(parts)
 
     def _refresh(self):
         while not self._stop.wait(REFRESH_S):
@@ -102,10 +118,13 @@ class StageProgress:
             return
         now = self.clock()
         if status == 'start':
+            if self.bar is not None:
+                self.node_folder[node.fullname] = _output_dir(node)
             self.node_started[node.fullname] = now
             if self.bar is not None:
                 self.bar.set_postfix_str(self.running())
             return
+        self.node_folder.pop(node.fullname, None)
         seconds = now - self.node_started.pop(node.fullname, now)
         outcome = f'done in {seconds:.1f} s' if status == 'end' else 'FAILED'
         line = f'[{now - self.started:7.1f} s] {self.owner(node.fullname)}: {stage} {outcome}'

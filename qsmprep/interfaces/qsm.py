@@ -14,6 +14,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObje
                                     TraitedSpec, isdefined, traits)
 
 from .. import methods
+from ..files import stage_progress_writer
 from ..methods import INVERSIONS
 from ..nifti import save_like
 from ..science import bgremove, chisep, echofit, masking, unwrap
@@ -278,7 +279,8 @@ class Invert(ThreadedInterface):
         chi, parameters = methods.invert(self.inputs.method, local_fields, mask,
                                          voxel_size_from_affine(image.affine), self.inputs.b0_dirs,
                                          magnitude=magnitude, echo_times=echo_times, field_strength=field_strength,
-                                         threads=self.inputs.num_threads)
+                                         threads=self.inputs.num_threads,
+                                         progress=stage_progress_writer(os.getcwd()))
         self._results['chi'] = _save(chi, image, 'chi.nii')
         self._results['parameters'] = parameters
 

@@ -155,10 +155,11 @@ def proximal_matching_loss(estimate, truth, mask, gamma):
 
 
 def lpn_iterates(local_fields_ppm, mask, voxel_size, b0_dirs, model, step_size=DEFAULT_STEP_SIZE,
-                 counts=(DEFAULT_ITERATIONS,), device=None, tile=DEFAULT_TILE):
+                 counts=(DEFAULT_ITERATIONS,), device=None, tile=DEFAULT_TILE, progress=None):
     """(count, susceptibility in ppm, 0 outside ``mask``) after each iteration count of ``counts`` of
     proximal gradient descent with the LPN ``model`` (module doc), yielded in turn from one run of
-    max(counts) iterations; see ``lpn_invert`` for the rest."""
+    max(counts) iterations; ``progress(done, max(counts))`` is called after each. See ``lpn_invert``
+    for the rest."""
     fields, mask, b0_dirs = checked_fields(local_fields_ppm, mask, b0_dirs)
     if not mask.any():
         for count in sorted(counts):
@@ -176,6 +177,8 @@ def lpn_iterates(local_fields_ppm, mask, voxel_size, b0_dirs, model, step_size=D
             gradient = operator.adjoint(operator.forward(estimate) * mask_in - masked_fields) / operator.orientations
             step = mask_in * (estimate - step_size * gradient)
             estimate = mask_in * apply_in_tiles(model, step, tile, model.gradient_radius)
+            if progress is not None:
+                progress(count, max(counts))
             if count in counts:
                 chi = np.zeros(mask.shape, dtype=np.float32)
                 chi[box] = estimate[0, 0].cpu().numpy() / NETWORK_UNITS_PER_PPM
@@ -183,12 +186,13 @@ def lpn_iterates(local_fields_ppm, mask, voxel_size, b0_dirs, model, step_size=D
 
 
 def lpn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, model, step_size=DEFAULT_STEP_SIZE,
-               iterations=DEFAULT_ITERATIONS, device=None, tile=DEFAULT_TILE):
+               iterations=DEFAULT_ITERATIONS, device=None, tile=DEFAULT_TILE, progress=None):
     """Susceptibility (ppm, 0 outside ``mask``) from one or more orientations' local fields (as
     ``lpcnn.lpcnn_invert`` takes them) by ``iterations`` of proximal gradient descent with the LPN
-    ``model`` as the proximal step (module doc), on the mask's box with the voxel-averaged dipole kernel."""
+    ``model`` as the proximal step (module doc), on the mask's box with the voxel-averaged dipole kernel;
+    ``progress(done, iterations)`` is called after each iteration."""
     (_, chi), = lpn_iterates(local_fields_ppm, mask, voxel_size, b0_dirs, model, step_size, (iterations,), device,
-                             tile)
+                             tile, progress)
     return chi
 
 

@@ -78,17 +78,18 @@ def shipped_description(name):
     return description
 
 
-def invert_with_shipped(name, local_fields_ppm, mask, voxel_size, b0_dirs, device=None):
+def invert_with_shipped(name, local_fields_ppm, mask, voxel_size, b0_dirs, device=None, progress=None):
     """Susceptibility (ppm) from one or more orientations' local fields by the shipped model of the
     learned inversion ``name`` (see ``lpcnn.lpcnn_invert`` for the arguments), and the sidecar keys
-    that name the model; LPN's also give the iterations and step its card holds."""
+    that name the model; LPN's also give the iterations and step its card holds, and hear
+    ``progress(done, total)`` of its iterations."""
     description = shipped_description(name)
     if name == 'lpcnn':
         chi = lpcnn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, shipped_model(name), device=device)
         return chi, description
     inference = read_card(SHIPPED[name])[0]['inference']
     chi = lpn_invert(local_fields_ppm, mask, voxel_size, b0_dirs, shipped_model(name), inference['step_size'],
-                     inference['iterations'], device=device)
+                     inference['iterations'], device=device, progress=progress)
     return chi, {**description, 'ProximalGradientIterations': inference['iterations'],
                  'ProximalGradientStepSize': inference['step_size']}
 

@@ -232,11 +232,11 @@ class _WeightedTV:
         self.z = periodic_gradient(self.chi, self.voxel_size)
         self.v = self._irfft(scipy.fft.rfftn(self.chi) * self.kernel)
 
-    def run(self, lam, iterations, tolerance, mu_data, mu_ratio):
+    def run(self, lam, iterations, tolerance, mu_data, mu_ratio, progress=None):
         """ADMM iterations at weight ``lam``; stops early when chi changes by less than ``tolerance``.
 
         The penalties are ``mu_data`` on the data split and ``mu_ratio * lam * mu_data`` on the
-        gradient split.
+        gradient split. ``progress(done, iterations)`` is called after each iteration.
 
         The updates are arranged to touch each volume as few times as possible (numpy's
         elementwise operations, not the FFTs, dominate the cost): the chi step's two k-space
@@ -266,6 +266,8 @@ class _WeightedTV:
             field_of_chi += self.t
             self.v = self._data_step(field_of_chi, mu_data)
             self.t = field_of_chi - self.v
+            if progress is not None:
+                progress(iteration + 1, iterations)
             if tolerance and iteration % 5 == 4:
                 change = np.linalg.norm(self.chi - previous) / max(np.linalg.norm(self.chi), 1e-12)
                 if change < tolerance:
@@ -275,14 +277,14 @@ class _WeightedTV:
 
 def tv_admm(local_field_ppm, mask, voxel_size, b0_dir, magnitude=None, lam=None, iterations=TV_ITERATIONS,
             tolerance=1e-3, phase_scale_rad_per_ppm=None, warm_start=True, mu_data=TV_DATA_PENALTY,
-            mu_ratio=TV_GRADIENT_PENALTY_RATIO):
+            mu_ratio=TV_GRADIENT_PENALTY_RATIO, progress=None):
     """Susceptibility (ppm) by magnitude-weighted TV with ADMM, 0 outside ``mask``.
 
     The data weight is the magnitude scaled to mean 1 inside the mask (1 without magnitude)
     and 0 outside, so the field outside the mask is not data. ``lam=None`` takes
     ``TV_TO_L2_WEIGHT`` times L2's GCV weight; ``warm_start`` starts ADMM from L2's GCV solution.
-    ``phase_scale_rad_per_ppm`` (2 pi gamma B0 TE) selects the nonlinear data term. Returns
-    ``(chi, lam)``.
+    ``phase_scale_rad_per_ppm`` (2 pi gamma B0 TE) selects the nonlinear data term;
+    ``progress(done, iterations)`` is called after each ADMM iteration. Returns ``(chi, lam)``.
     """
     mask = np.asarray(mask, dtype=bool)
     shape = mask.shape
@@ -303,17 +305,19 @@ def tv_admm(local_field_ppm, mask, voxel_size, b0_dir, magnitude=None, lam=None,
     solver = _WeightedTV(np.pad(field / scale, pad), np.pad(weight, pad), voxel_size, b0_dir, phase_scale)
     if warm_start:
         solver.warm_start(np.pad(start / scale, pad))
-    solver.run(lam, iterations, tolerance, mu_data, mu_ratio)
+    solver.run(lam, iterations, tolerance, mu_data, mu_ratio, progress)
     chi = _crop(solver.chi, shape) * scale
     return np.where(mask, chi, 0).astype(np.float32), float(lam)
 
 
-def invert(local_field_ppm, mask, voxel_size, b0_dir, method=DEFAULT_INVERSION, magnitude=None, **options):
+def invert(local_field_ppm, mask, voxel_size, b0_dir, method=DEFAULT_INVERSION, magnitude=None, progress=None,
+           **options):
     """Dispatch to a dipole inversion method; returns ``(chi_ppm, parameters)``.
 
     ``parameters`` holds what the method chose (the regularisation weight) for the sidecar.
     The solvers work on the mask's box with room (``CROP_MARGIN_MM``, ``masking.mask_box``):
-    outside the mask the field is no data (TV) or zero (TKD, L2).
+    outside the mask the field is no data (TV) or zero (TKD, L2). ``progress(done, total)`` hears
+    of the iterations of the iterative methods.
     """
     if method not in INVERSION_METHODS:
         raise ValueError(f'unknown inversion method {method!r}; choose from {INVERSION_METHODS}')
@@ -328,7 +332,8 @@ def invert(local_field_ppm, mask, voxel_size, b0_dir, method=DEFAULT_INVERSION, 
         cropped_magnitude = None if magnitude is None else np.asarray(magnitude, dtype=np.float32)[box]
         if method == 'nltv' and 'phase_scale_rad_per_ppm' not in options:
             raise ValueError('nltv needs phase_scale_rad_per_ppm (2 pi gamma B0 TE)')
-        chi[box], lam = tv_admm(field, mask[box], voxel_size, b0_dir, magnitude=cropped_magnitude, **options)
+        chi[box], lam = tv_admm(field, mask[box], voxel_size, b0_dir, magnitude=cropped_magnitude, progress=progress,
+                                **options)
         parameters['RegularizationWeight'] = lam
     elif method == 'l2':
         chi[box], lam = l2_gradient(field, mask[box], voxel_size, b0_dir, **options)
