@@ -26,6 +26,7 @@ import scipy.fft
 from scipy import ndimage
 
 from qsmprep.science.masking import dilated, eroded
+from qsmprep.science.normalization import region_statistics, resampled_at_step
 from qsmprep.science.physics import DipoleOperator, anisotropic_field, b0_direction_from_affine
 
 MNI_DATA = Path(nilearn.datasets.__file__).parent / 'data'
@@ -83,16 +84,6 @@ def load_mni_maps(voxel_size_mm, scale=(1.0, 1.0, 1.0)):
     maps = {key: resampled_at_step(img.get_fdata(dtype=np.float32) / 255.0, mni_step) for key, img in images.items()}
     affine[:3, :3] = affine[:3, :3] @ np.diag(mni_step)
     return maps, affine
-
-
-def resampled_at_step(volume, step):
-    """``volume`` sampled (linearly) every ``step`` voxels from its first voxel on, so that the
-    affine of the result is the volume's times ``diag(step)``. ``ndimage.zoom`` instead stretches
-    the samples to span both end voxels, which puts structures up to 1 % of the grid off the
-    coordinates the affine gives them."""
-    step = np.broadcast_to(np.asarray(step, dtype=float), (3,))
-    shape = tuple(int(np.floor((size - 1) / s + 1e-9)) + 1 for size, s in zip(volume.shape, step))
-    return ndimage.affine_transform(volume, step, output_shape=shape, order=1)
 
 
 def _world_grid(shape, affine):
@@ -375,16 +366,15 @@ def true_region_means(bids_dir, output_dir, label, chimap=None):
     truth's ``desc-nuclei_dseg``), inside qsmprep's local-field mask and referenced as qsmprep's
     Chimap is (to its mean over that mask): the truth the group level's table is scored against.
     With ``chimap`` (an array on the subject's grid), the same for it instead of the truth."""
-    from qsmprep.science import normalization
-
     truth = Path(bids_dir) / 'derivatives' / 'truth' / f'sub-{label}' / 'anat'
     mask_path = Path(output_dir) / f'sub-{label}' / 'anat' / f'sub-{label}_desc-localfield_mask.nii.gz'
     mask = np.asanyarray(nib.load(mask_path).dataobj) > 0
-    chi = nib.load(truth / f'sub-{label}_Chimap.nii.gz').get_fdata() if chimap is None else chimap
-    chi = np.asarray(chi, dtype=float) - np.asarray(chi, dtype=float)[mask].mean()
+    chi = np.asarray(nib.load(truth / f'sub-{label}_Chimap.nii.gz').get_fdata() if chimap is None else chimap,
+                     dtype=float)
+    chi = chi - chi[mask].mean()
     nuclei = np.asanyarray(nib.load(truth / f'sub-{label}_desc-nuclei_dseg.nii.gz').dataobj)
     return {row['region']: row['chi_mean']
-            for row in normalization.region_statistics(nuclei, nucleus_names(), {'chi': chi}, mask)}
+            for row in region_statistics(nuclei, nucleus_names(), {'chi': chi}, mask)}
 
 
 def nucleus_names():
@@ -395,8 +385,9 @@ def nucleus_names():
 
 def nuclei_atlas(shape, affine, points=5):
     """The nuclei of ``NUCLEI`` on the grid of ``shape`` and ``affine`` as an atlas draws them: each
-    voxel takes the nucleus that covers more than half of it (``points`` per axis sample it). Labelling the voxels whose centre is
-    inside instead makes nuclei centred on a voxel with a whole radius in voxels a fifth too large."""
+    voxel takes the nucleus that covers more than half of it (``points`` per axis sample it).
+    Labelling the voxels whose centre is inside instead makes nuclei centred on a voxel with a
+    whole radius in voxels a fifth too large."""
     atlas = np.zeros(shape, dtype=np.int16)
     to_voxels = np.linalg.inv(affine)
     offsets = (np.arange(points) + 0.5) / points - 0.5

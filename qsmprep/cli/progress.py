@@ -118,10 +118,9 @@ class StageProgress:
             return
         now = self.clock()
         if status == 'start':
-            if self.bar is not None:
-                self.node_folder[node.fullname] = _output_dir(node)
             self.node_started[node.fullname] = now
             if self.bar is not None:
+                self.node_folder[node.fullname] = _output_dir(node)
                 self.bar.set_postfix_str(self.running())
             return
         self.node_folder.pop(node.fullname, None)

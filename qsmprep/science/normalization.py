@@ -41,6 +41,16 @@ def _optimised(fixed, moving, initial, fixed_mask, num_threads):
     return sitk.CompositeTransform(method.Execute(fixed, moving)).GetNthTransform(0)
 
 
+def resampled_at_step(volume, step):
+    """``volume`` sampled (linearly) every ``step`` voxels (one number or one per axis) from its
+    first voxel on, so that the affine of the result is the volume's times ``diag(step)``.
+    ``ndimage.zoom`` instead stretches the samples to span both end voxels, which puts structures
+    up to 1 % of the grid off the coordinates the affine gives them."""
+    step = np.broadcast_to(np.asarray(step, dtype=float), (3,))
+    shape = tuple(int(np.floor((size - 1) / s + 1e-9)) + 1 for size, s in zip(volume.shape, step))
+    return ndimage.affine_transform(volume, step, output_shape=shape, order=1)
+
+
 def at_voxel_size(volume, affine, voxel_size_mm):
     """``volume`` smoothed and sampled every ``voxel_size_mm`` mm along its own axes (never finer
     than it is), and the affine of the result.
@@ -53,8 +63,7 @@ def at_voxel_size(volume, affine, voxel_size_mm):
     if np.allclose(step, 1.0):
         return np.asarray(volume, dtype=np.float32), affine
     smoothed = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), (step - 1.0) / 2.0)
-    shape = tuple(int(np.floor((size - 1) / s + 1e-9)) + 1 for size, s in zip(smoothed.shape, step))
-    return ndimage.affine_transform(smoothed, step, output_shape=shape, order=1), affine @ np.diag([*step, 1.0])
+    return resampled_at_step(smoothed, step), affine @ np.diag([*step, 1.0])
 
 
 def bias_field_corrected(magnitude, affine, head_mask):
